@@ -1,0 +1,1 @@
+"""The vaultfs bucket server (trio)."""

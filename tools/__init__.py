@@ -1,0 +1,1 @@
+"""The `vault` command-line interface: one module per command."""

@@ -1,0 +1,21 @@
+"""Byte stores addressed by (kind, name), and the location parser (restic syntax)."""
+
+from __future__ import annotations
+
+from vaultfs.backend.base import KINDS, Backend
+from vaultfs.backend.local import LocalBackend
+from vaultfs.errors import UsageError
+
+__all__ = ["KINDS", "Backend", "LocalBackend", "open_backend"]
+
+
+def open_backend(location: str) -> Backend:
+    """Backend for a restic-style location: a plain path or ``local:PATH`` (others arrive with their issues)."""
+    if not location:
+        raise UsageError("no vault location given: use -r/--repo or set VAULT_REPOSITORY")
+    if location.startswith("local:"):
+        return LocalBackend(location[len("local:") :])
+    for scheme in ("rest:", "sftp:", "s3:", "rclone:", "b2:", "azure:", "gs:", "swift:"):
+        if location.startswith(scheme):
+            raise UsageError(f"backend {scheme[:-1]!r} is not supported yet; use a local folder")
+    return LocalBackend(location)

@@ -1,0 +1,192 @@
+"""Local folder backend: the restic layout on a file system (FORMAT.md §1).
+
+Writes go to ``<name>-tmp-<random>`` in the target folder, are fsynced, renamed into place, the folder is
+fsynced, and the file is made read-only, so a crash leaves either nothing or the whole file. Listings skip
+temp files. ``data`` objects live in ``data/<first two hex>/<name>``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+
+from vaultfs.backend.base import KINDS, Backend, check_name
+from vaultfs.errors import BackendError, ObjectNotFound
+
+TEMP_MARK = "-tmp-"
+_TEMPORARY_ERRNOS = {errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
+
+
+def _fail(action: str, where: str, exc: OSError) -> BackendError:
+    reason = exc.strerror or str(exc)
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = "; free some space and run the command again"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; check the permissions of the vault folder"
+    return BackendError(
+        f"cannot {action} {where}: {reason}{hint}", temporary=exc.errno in _TEMPORARY_ERRNOS
+    )
+
+
+class LocalBackend(Backend):
+    def __init__(self, path: str) -> None:
+        self.root = os.path.abspath(path)
+        self.location = path
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def _dir(self, kind: str, name: str) -> str:
+        if kind == "data":
+            return os.path.join(self.root, "data", name[:2])
+        if kind == "config":
+            return self.root
+        return os.path.join(self.root, kind)
+
+    def path(self, kind: str, name: str) -> str:
+        check_name(kind, name)
+        return os.path.join(self._dir(kind, name), name or "config")
+
+    def _where(self, kind: str, name: str) -> str:
+        return "config" if kind == "config" else f"{kind}/{name}"
+
+    # -- contract ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            for kind in KINDS:
+                if kind != "config":
+                    os.makedirs(os.path.join(self.root, kind), mode=0o700, exist_ok=True)
+            for i in range(256):
+                os.makedirs(os.path.join(self.root, "data", f"{i:02x}"), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise _fail("create the vault folders in", self.root, exc) from None
+
+    def list(self, kind: str) -> Iterator[tuple[str, int]]:
+        check_name(kind, "" if kind == "config" else "0" * 64)
+        if kind == "config":
+            try:
+                yield "", os.stat(self.path("config", "")).st_size
+            except FileNotFoundError:
+                pass
+            return
+        top = os.path.join(self.root, kind)
+        if kind == "data":
+            try:
+                subdirs = sorted(e.path for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise _fail("list", top, exc) from None
+        else:
+            subdirs = [top]
+        for folder in subdirs:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _fail("list", folder, exc) from None
+            for entry in entries:
+                if TEMP_MARK in entry.name or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    yield entry.name, entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+
+    def list_temp(self, kind: str) -> Iterator[str]:
+        """Relative paths of leftover temp files (for verify and cleanup)."""
+        top = os.path.join(self.root, kind)
+        for folder, _dirs, files in os.walk(top):
+            for f in files:
+                if TEMP_MARK in f:
+                    yield os.path.relpath(os.path.join(folder, f), self.root)
+
+    def stat(self, kind: str, name: str) -> int:
+        path = self.path(kind, name)
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self._where(kind, name)} does not exist") from None
+        except OSError as exc:
+            raise _fail("stat", self._where(kind, name), exc) from None
+
+    def exists(self, kind: str, name: str) -> bool:
+        return os.path.exists(self.path(kind, name))
+
+    def read(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self.path(kind, name)
+        where = self._where(kind, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{where} does not exist") from None
+        except OSError as exc:
+            raise _fail("open", where, exc) from None
+        try:
+            if length is None:
+                size = os.fstat(fd).st_size
+                length = max(0, size - offset)
+            buf = bytearray(length)
+            view = memoryview(buf)
+            got = 0
+            while got < length:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise BackendError(
+                        f"short read of {where}: wanted {length} bytes at offset {offset}, got {got}"
+                    )
+                got += n
+            return bytes(buf)
+        except OSError as exc:
+            raise _fail("read", where, exc) from None
+        finally:
+            os.close(fd)
+
+    def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
+        path = self.path(kind, name)
+        folder = os.path.dirname(path)
+        where = self._where(kind, name)
+        if os.path.exists(path):
+            return
+        tmp = f"{path}{TEMP_MARK}{secrets.token_hex(8)}"
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(tmp, 0o400)
+            os.rename(tmp, path)
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _fail("write", where, exc) from None
+
+    def remove(self, kind: str, name: str) -> None:
+        path = self.path(kind, name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _fail("remove", self._where(kind, name), exc) from None

@@ -1,0 +1,135 @@
+"""Authenticated encryption of vault objects and key derivation (FORMAT.md §2).
+
+Sealed object layout::
+
+    offset 0      16 bytes   nonce (the initial AES-CTR counter block, and the Poly1305-AES nonce)
+    offset 16     n bytes    AES-256-CTR ciphertext of the n plaintext bytes
+    offset 16+n   16 bytes   Poly1305 tag over the ciphertext only, with key clamp(r) || AES-128_k(nonce)
+
+The master key is 64 bytes: 32 for AES-256 (``encrypt``), 16 for ``mac.k`` and 16 for ``mac.r``. Everything here
+is pure computation (no I/O) and thread-safe; the AES work releases the GIL.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+from vaultfs.errors import FormatError, IntegrityError
+
+NONCE_SIZE = 16
+TAG_SIZE = 16
+OVERHEAD = NONCE_SIZE + TAG_SIZE
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """A restic "crypto key": AES-256 key plus the Poly1305-AES MAC key (k, r)."""
+
+    encrypt: bytes
+    mac_k: bytes
+    mac_r: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.encrypt) != 32 or len(self.mac_k) != 16 or len(self.mac_r) != 16:
+            raise FormatError("master key has wrong sizes (need 32 + 16 + 16 bytes)")
+
+    @classmethod
+    def generate(cls) -> MasterKey:
+        return cls(os.urandom(32), os.urandom(16), os.urandom(16))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> MasterKey:
+        """From 64 bytes laid out as scrypt output: AES key, then k, then r."""
+        if len(raw) != 64:
+            raise FormatError("derived key must be 64 bytes")
+        return cls(raw[:32], raw[32:48], raw[48:64])
+
+    def valid(self) -> bool:
+        return any(self.encrypt) and any(self.mac_k) and any(self.mac_r)
+
+    def to_json(self) -> bytes:
+        """The master key JSON restic stores inside a key file (Go []byte -> padded base64)."""
+
+        def b64(raw: bytes) -> str:
+            return base64.b64encode(raw).decode("ascii")
+
+        doc = {"mac": {"k": b64(self.mac_k), "r": b64(self.mac_r)}, "encrypt": b64(self.encrypt)}
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> MasterKey:
+        try:
+            doc = json.loads(raw)
+            key = cls(
+                base64.b64decode(doc["encrypt"], validate=True),
+                base64.b64decode(doc["mac"]["k"], validate=True),
+                base64.b64decode(doc["mac"]["r"], validate=True),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"master key JSON is invalid ({exc})") from None
+        if not key.valid():
+            raise FormatError("master key is all zero")
+        return key
+
+    # -- sealing -------------------------------------------------------------------------------
+
+    def _tag(self, nonce: bytes, ciphertext: bytes | memoryview) -> bytes:
+        enc = Cipher(algorithms.AES(self.mac_k), modes.ECB()).encryptor()
+        s = enc.update(nonce) + enc.finalize()
+        # cryptography's Poly1305 clamps r itself, as restic's readers must.
+        return Poly1305.generate_tag(self.mac_r + s, ciphertext)
+
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt and authenticate: nonce || ciphertext || tag."""
+        nonce = os.urandom(NONCE_SIZE)
+        while not any(nonce):  # restic rejects a zero nonce
+            nonce = os.urandom(NONCE_SIZE)
+        n = len(plaintext)
+        out = bytearray(NONCE_SIZE + n + TAG_SIZE + 15)
+        out[:NONCE_SIZE] = nonce
+        view = memoryview(out)
+        enc = Cipher(algorithms.AES(self.encrypt), modes.CTR(nonce)).encryptor()
+        # update_into a preallocated buffer releases the GIL; update() would allocate with it held.
+        enc.update_into(plaintext, view[NONCE_SIZE : NONCE_SIZE + n + 15])
+        tag = self._tag(nonce, view[NONCE_SIZE : NONCE_SIZE + n])
+        out[NONCE_SIZE + n : NONCE_SIZE + n + TAG_SIZE] = tag
+        del out[NONCE_SIZE + n + TAG_SIZE :]
+        return bytes(out)
+
+    def open(self, sealed: bytes | bytearray | memoryview, what: str = "object") -> bytes:
+        """Check the tag, then decrypt. Raises IntegrityError on a bad tag, FormatError when too short."""
+        n = len(sealed) - OVERHEAD
+        if n < 0:
+            raise FormatError(f"{what} is too short to be encrypted data ({len(sealed)} bytes)")
+        view = memoryview(sealed)
+        nonce = bytes(view[:NONCE_SIZE])
+        ciphertext = view[NONCE_SIZE : NONCE_SIZE + n]
+        expected = self._tag(nonce, ciphertext)
+        if not hmac.compare_digest(expected, bytes(view[NONCE_SIZE + n :])):
+            raise IntegrityError(f"{what} failed authentication (corrupt data or wrong key)")
+        out = bytearray(n + 15)
+        dec = Cipher(algorithms.AES(self.encrypt), modes.CTR(nonce)).decryptor()
+        dec.update_into(ciphertext, out)
+        del out[n:]
+        return bytes(out)
+
+
+def scrypt(password: bytes, salt: bytes, n: int, r: int, p: int) -> MasterKey:
+    """Derive the 64-byte user key of a key file (scrypt) and split it 32/16/16."""
+    if n <= 1 or n & (n - 1) or r < 1 or p < 1 or r * p >= 1 << 30:
+        raise FormatError(f"invalid scrypt parameters N={n} r={r} p={p}")
+    maxmem = 128 * r * (n + p + 2) + (1 << 20)
+    raw = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=64)
+    return MasterKey.from_bytes(raw)
+
+
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
