@@ -100,9 +100,10 @@ class MasterKey:
         # update_into a preallocated buffer releases the GIL; update() would allocate with it held.
         enc.update_into(plaintext, view[NONCE_SIZE : NONCE_SIZE + n + 15])
         tag = self._tag(nonce, view[NONCE_SIZE : NONCE_SIZE + n])
-        out[NONCE_SIZE + n : NONCE_SIZE + n + TAG_SIZE] = tag
-        del out[NONCE_SIZE + n + TAG_SIZE :]
-        return bytes(out)
+        view[NONCE_SIZE + n : NONCE_SIZE + n + TAG_SIZE] = tag
+        sealed = bytes(view[: NONCE_SIZE + n + TAG_SIZE])
+        view.release()
+        return sealed
 
     def open(self, sealed: bytes | bytearray | memoryview, what: str = "object") -> bytes:
         """Check the tag, then decrypt. Raises IntegrityError on a bad tag, FormatError when too short."""

@@ -1,0 +1,334 @@
+"""What every command shares: global options, passwords, opening the vault, output and progress.
+
+Commands are modules ``vaultfs.tools.cmd_<name>`` with ``register(subparsers)`` (adds the parser and sets
+``func``) and a ``run(args, out) -> int`` function. ``out`` is an Output: ``out.json`` tells whether
+``--json`` was given, ``out.emit(doc)`` prints one JSON document, ``out.line(text)`` prints human text,
+``out.progress(...)`` gives a progress bar on a TTY (silent otherwise and with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from vaultfs.backend import open_backend
+from vaultfs.errors import UsageError, VaultError
+from vaultfs.repo.repository import Repository
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("global options")
+    g.add_argument(
+        "-r",
+        "--repo",
+        metavar="LOCATION",
+        default=argparse.SUPPRESS,
+        help="vault location: a folder or rest:http://host:port/path/ (env VAULT_REPOSITORY)",
+    )
+    g.add_argument(
+        "--password-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read the password from the first line of FILE (env VAULT_PASSWORD_FILE)",
+    )
+    g.add_argument(
+        "--password-command",
+        metavar="CMD",
+        default=argparse.SUPPRESS,
+        help="run CMD (through the shell) and use its first output line as password "
+        "(env VAULT_PASSWORD_COMMAND)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print machine-readable JSON instead of text",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print nothing but errors and requested output",
+    )
+
+
+def option(args: argparse.Namespace, name: str, env: str | None = None) -> Any:
+    value = getattr(args, name, None)
+    if value is None and env:
+        value = os.environ.get(env) or None
+    return value
+
+
+def location(args: argparse.Namespace) -> str:
+    loc = option(args, "repo", "VAULT_REPOSITORY")
+    if not loc:
+        raise UsageError("no vault given: use -r/--repo LOCATION or set VAULT_REPOSITORY")
+    return loc
+
+
+def read_password(
+    args: argparse.Namespace, *, prompt: str = "enter password: ", confirm: bool = False
+) -> bytes:
+    """Password from env, file, command or an interactive prompt, in that order (ARCHITECTURE.md)."""
+    value = os.environ.get("VAULT_PASSWORD")
+    if value:
+        return value.encode()
+    path = option(args, "password_file", "VAULT_PASSWORD_FILE")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                first = f.readline().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+        if not first:
+            raise UsageError(f"password file {path} is empty")
+        return first
+    command = option(args, "password_command", "VAULT_PASSWORD_COMMAND")
+    if command:
+        return _password_from_command(command)
+    if sys.stdin.isatty():
+        return _prompt(prompt, confirm)
+    raise UsageError(
+        "no password: set VAULT_PASSWORD, VAULT_PASSWORD_FILE or VAULT_PASSWORD_COMMAND, "
+        "or use --password-file/--password-command"
+    )
+
+
+def _password_from_command(command: str) -> bytes:
+    try:
+        proc = subprocess.run(command, shell=True, capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"password command failed: {exc}") from None
+    if proc.returncode != 0:
+        raise UsageError(f"password command exited with status {proc.returncode}")
+    first = proc.stdout.split(b"\n", 1)[0].rstrip(b"\r")
+    if not first:
+        raise UsageError("password command printed no password")
+    return first
+
+
+def _prompt(prompt: str, confirm: bool) -> bytes:
+    try:
+        first = getpass.getpass(prompt)
+        if confirm and getpass.getpass("enter the password again: ") != first:
+            raise UsageError("the passwords do not match")
+    except EOFError:
+        raise UsageError("no password entered") from None
+    if not first:
+        raise UsageError("an empty password is not allowed")
+    return first.encode()
+
+
+def read_new_password(args: argparse.Namespace) -> bytes:
+    """A new password (key add, key passwd): --new-password-file, VAULT_NEW_PASSWORD, or a prompt twice."""
+    path = getattr(args, "new_password_file", None)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                first = f.readline().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+        if not first:
+            raise UsageError(f"password file {path} is empty")
+        return first
+    value = os.environ.get("VAULT_NEW_PASSWORD")
+    if value:
+        return value.encode()
+    if sys.stdin.isatty():
+        return _prompt("enter new password: ", True)
+    raise UsageError("no new password: set VAULT_NEW_PASSWORD or use --new-password-file FILE")
+
+
+def open_repository(args: argparse.Namespace) -> Repository:
+    backend = open_backend(location(args))
+    return Repository.open(backend, read_password(args), key_hint=os.environ.get("VAULT_KEY_HINT"))
+
+
+@contextmanager
+def locked(repo: Repository, exclusive: bool = False) -> Iterator[None]:
+    lock = repo.lock(exclusive)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Output:
+    """Text on a TTY (rich), JSON with --json. Progress and notes go to stderr; results to stdout."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.json = bool(getattr(args, "json", False))
+        self.quiet = bool(getattr(args, "quiet", False))
+        self._console = None
+        self._err_console = None
+
+    @property
+    def console(self):  # noqa: ANN201 - rich is imported lazily to keep start-up fast
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=True)
+        return self._console
+
+    @property
+    def err(self):  # noqa: ANN201
+        if self._err_console is None:
+            from rich.console import Console
+
+            self._err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err_console
+
+    def emit(self, doc: Any) -> None:
+        """One JSON document on stdout."""
+        sys.stdout.write(json.dumps(to_jsonable(doc), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    def emit_line(self, doc: Any) -> None:
+        """One JSON line (for streams such as progress)."""
+        sys.stdout.write(
+            json.dumps(to_jsonable(doc), ensure_ascii=False, separators=(",", ":")) + "\n"
+        )
+        sys.stdout.flush()
+
+    def line(self, text: str = "") -> None:
+        """Plain result text on stdout (no markup interpretation)."""
+        sys.stdout.write(text + "\n")
+
+    def note(self, text: str) -> None:
+        """Informational text on stderr, suppressed by --quiet and --json."""
+        if not self.quiet and not self.json:
+            sys.stderr.write(text + "\n")
+
+    def warn(self, text: str) -> None:
+        sys.stderr.write(f"warning: {text}\n")
+
+    def table(self, columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
+        if not sys.stdout.isatty():
+            widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+            self.line("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+            self.line("-" * (sum(widths) + 2 * (len(widths) - 1)))
+            for r in rows:
+                self.line("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+            return
+        from rich.table import Table
+
+        t = Table(title=title, box=None, header_style="bold")
+        for c in columns:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*r)
+        self.console.print(t)
+
+    @contextmanager
+    def progress(
+        self, description: str, total: int | None = None, unit: str = "bytes"
+    ) -> Iterator[Progress]:
+        """A progress bar on an interactive stderr; a no-op otherwise."""
+        if self.json or self.quiet or not sys.stderr.isatty():
+            yield Progress(None, None)
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        cols: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+        if unit == "bytes":
+            cols += [DownloadColumn(), TransferSpeedColumn()]
+        else:
+            cols += [MofNCompleteColumn()]
+        cols.append(TimeRemainingColumn())
+        with RichProgress(*cols, console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield Progress(bar, task)
+
+
+class Progress:
+    def __init__(self, bar: Any, task: Any) -> None:
+        self._bar = bar
+        self._task = task
+
+    def advance(self, amount: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, amount)
+
+    def update(self, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, **kwargs)
+
+
+def to_jsonable(doc: Any) -> Any:
+    if dataclasses.is_dataclass(doc) and not isinstance(doc, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(doc).items()}
+    if isinstance(doc, dict):
+        return {str(k): to_jsonable(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple | set):
+        return [to_jsonable(v) for v in doc]
+    if isinstance(doc, bytes):
+        return doc.hex()
+    if hasattr(doc, "format") and doc.__class__.__name__ == "GoTime":
+        return doc.format()
+    return doc
+
+
+def snapshot_json(snap_id: str, snap: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": snap_id,
+        "short_id": snap_id[:8],
+        "time": snap.time.format(),
+        "tree": snap.tree.hex(),
+        "paths": snap.paths,
+        "hostname": snap.hostname,
+        "username": snap.username,
+    }
+    if snap.parent:
+        doc["parent"] = snap.parent.hex()
+    if snap.tags:
+        doc["tags"] = snap.tags
+    if snap.uid:
+        doc["uid"] = snap.uid
+    if snap.gid:
+        doc["gid"] = snap.gid
+    if snap.excludes:
+        doc["excludes"] = snap.excludes
+    if snap.original:
+        doc["original"] = snap.original.hex()
+    if snap.program_version:
+        doc["program_version"] = snap.program_version
+    return doc
+
+
+def add_snapshot_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", action="append", metavar="HOST", help="only snapshots of HOST (repeatable)"
+    )
+    parser.add_argument(
+        "--tag",
+        action="append",
+        metavar="TAG[,TAG]",
+        help="only snapshots with all of these tags (repeatable: any of the groups)",
+    )
+    parser.add_argument(
+        "--path",
+        action="append",
+        metavar="PATH",
+        help="only snapshots that include PATH (repeatable)",
+    )
+
+
+def fail(message: str) -> VaultError:
+    return VaultError(message)
