@@ -1,0 +1,1 @@
+"""Tests of the shared test infrastructure in tests/helpers and tests/conftest.py."""
