@@ -17,5 +17,4 @@ def require_fuse() -> str:
     path = shutil.which("fusermount3")
     if path is None:
         unavailable("fusermount3 is not installed (apt-get install fuse3)")
-    assert path is not None
     return path

@@ -3,6 +3,8 @@
 ``require_restic()`` finds the binary (a test that needs it skips without it, and fails under CI=true).
 ``Restic`` runs ``restic -r REPO ...`` with a password and a private cache folder and an environment
 scrubbed of the user's RESTIC_* settings, so tests never read or write the user's home or repositories.
+``make_restic_repo`` builds the two-snapshot repository behind the ``restic_repo_v1``/``restic_repo_v2``
+session fixtures (tests/conftest.py) and describes it as a ``ResticRepo``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +30,6 @@ def require_restic() -> str:
     path = shutil.which("restic")
     if path is None:
         unavailable("restic is not installed (apt-get install restic)")
-    assert path is not None
     return path
 
 
@@ -37,13 +39,13 @@ class ResticError(AssertionError):
     An AssertionError so that pytest shows it as a test failure with the message, not as a crash.
     """
 
-    def __init__(self, args: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
-        self.args_ = list(args)
+    def __init__(self, command: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.command = list(command)
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
         super().__init__(
-            f"restic exited with {returncode}: {' '.join(args)}\n--- stderr ---\n{stderr.strip()}"
+            f"restic exited with {returncode}: {shlex.join(command)}\n--- stderr ---\n{stderr.strip()}"
         )
 
 
