@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "snapshot", metavar="SNAPSHOT", help="snapshot ID, unique ID prefix, or 'latest'"
     )
     p.add_argument(
-        "path", metavar="PATH", nargs="?", default="/", help="folder or file inside the snapshot"
+        "subpath", metavar="PATH", nargs="?", default="/", help="folder or file inside the snapshot"
     )
     p.add_argument(
         "-l", "--long", action="store_true", help="show mode, owner, size and time like ls -l"
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     snap_id, snap = repo.find_snapshot(
         args.snapshot, hosts=args.host, tags=args.tag, paths=args.path
     )
-    base = "/" + args.path.strip("/") if args.path.strip("/") else ""
+    base = "/" + args.subpath.strip("/") if args.subpath.strip("/") else ""
     node = repo.find_path(snap.tree, base)
     if out.json:
         out.emit_line({"message_type": "snapshot", **snapshot_json(snap_id, snap)})

@@ -280,6 +280,9 @@ def to_jsonable(doc: Any) -> Any:
         return [to_jsonable(v) for v in doc]
     if isinstance(doc, bytes):
         return doc.hex()
+    if isinstance(doc, str):
+        # Names that are not UTF-8 print as restic prints them: bad bytes become U+FFFD.
+        return doc.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if hasattr(doc, "format") and doc.__class__.__name__ == "GoTime":
         return doc.format()
     return doc

@@ -74,11 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for mod in command_modules():
-        p = mod.register(sub)
-        add_global_options(p)
-        p.epilog = EPILOG
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        _finish(mod.register(sub))
     return parser
+
+
+def _finish(p: argparse.ArgumentParser) -> None:
+    """Global options, exit codes and formatting for a command parser and its action parsers."""
+    add_global_options(p)
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _finish(child)
 
 
 def _terminate(signum: int, frame: object) -> None:

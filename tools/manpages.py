@@ -51,7 +51,11 @@ def _options(parser: argparse.ArgumentParser, *, skip_global: bool) -> tuple[lis
                 if action.nargs != 0:
                     metavar = " " + (
                         action.metavar
-                        or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else None)
+                        or (
+                            "{" + ",".join(map(str, action.choices)) + "}"
+                            if action.choices
+                            else None
+                        )
                         or action.dest.upper()
                     )
                 label = ", ".join(action.option_strings) + metavar
@@ -100,7 +104,10 @@ def page_for(name: str, parser: argparse.ArgumentParser, summary: str) -> str:
             lines += [".TP", f".BR vault\\-{_esc(c.dest)} (1)", _esc(c.help or "")]
     lines += _exit_status()
     others = ["vault"] if name != "vault" else []
-    lines += [".SH SEE ALSO", ", ".join(f".BR {o} (1)" for o in others) or ".BR vaultfs\\-format (5)"]
+    lines += [
+        ".SH SEE ALSO",
+        ", ".join(f".BR {o} (1)" for o in others) or ".BR vaultfs\\-format (5)",
+    ]
     return "\n".join(lines) + "\n"
 
 
