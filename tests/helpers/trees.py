@@ -299,7 +299,8 @@ class _Builder:
         folders = []
         for i, (rel, path, st) in enumerate(entries):
             mtime = self.fixed_mtime.get(path, BASE_MTIME_NS + i * STEP_NS)
-            # atime differs from mtime so a restore that swaps the two is caught.
+            # atime differs from mtime, so code that writes one where the other belongs shows up as
+            # a wrong mtime (when the backup recorded atime at all).
             times = (mtime - 7_000_000_011, mtime)
             if stat.S_ISDIR(st.st_mode):
                 folders.append((rel.count(b"/"), path, times))
@@ -319,7 +320,8 @@ def make_tricky_tree(dest: Path) -> Path:
     """Build the tricky source tree in ``dest`` (created; must not exist or be empty) and return it.
 
     The tree is deterministic except for inode numbers and, without root, owners. It holds about 26 MB of
-    file content in about 10,300 entries (10,000 of them in ``wide/``) and builds in about a second.
+    file content in about 10,300 entries (10,000 of them in ``wide/``) and builds in under two seconds on an idle
+    machine.
     Devices and foreign owners are only created when running as root.
     """
     dest = Path(dest)
