@@ -1,0 +1,141 @@
+"""Backend conformance suite (run against every backend; the local one for now)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from vaultfs.backend import LocalBackend, open_backend
+from vaultfs.backend.local import TEMP_MARK
+from vaultfs.errors import BackendError, FormatError, ObjectNotFound, UsageError
+
+
+@pytest.fixture(params=["local"])
+def backend(request, tmp_path):
+    be = LocalBackend(str(tmp_path / "vault"))
+    be.create()
+    return be
+
+
+def name_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_write_read_stat_list_remove(backend):
+    data = os.urandom(5000)
+    name = name_of(data)
+    for kind in ("data", "index", "snapshots", "keys", "locks", "packindex"):
+        backend.write(kind, name, data)
+        assert backend.exists(kind, name)
+        assert backend.stat(kind, name) == 5000
+        assert backend.read(kind, name) == data
+        assert backend.read(kind, name, 100, 50) == data[100:150]
+        assert backend.read(kind, name, 4990) == data[4990:]
+        assert list(backend.list(kind)) == [(name, 5000)]
+        backend.remove(kind, name)
+        backend.remove(kind, name)  # idempotent
+        assert not backend.exists(kind, name)
+        assert list(backend.list(kind)) == []
+
+
+def test_config_object(backend):
+    assert list(backend.list("config")) == []
+    backend.write("config", "", b"cfg")
+    assert backend.read("config", "") == b"cfg"
+    assert list(backend.list("config")) == [("", 3)]
+
+
+def test_short_read_is_an_error(backend):
+    data = b"x" * 100
+    backend.write("index", name_of(data), data)
+    with pytest.raises(BackendError, match="short read"):
+        backend.read("index", name_of(data), 90, 20)
+
+
+def test_missing_object(backend):
+    with pytest.raises(ObjectNotFound):
+        backend.read("snapshots", "a" * 64)
+    with pytest.raises(ObjectNotFound):
+        backend.stat("snapshots", "a" * 64)
+
+
+@pytest.mark.parametrize(
+    "bad", ["../../etc/passwd", "A" * 64, "a" * 63, "", "/abs", "a" * 64 + "/x"]
+)
+def test_names_are_validated(backend, bad):
+    with pytest.raises(FormatError):
+        backend.write("data", bad, b"x")
+    with pytest.raises(FormatError):
+        backend.read("data", bad)
+
+
+def test_unknown_kind(backend):
+    with pytest.raises(FormatError):
+        backend.write("tmp", "a" * 64, b"x")
+
+
+def test_write_never_overwrites(backend):
+    name = "b" * 64
+    backend.write("index", name, b"first")
+    backend.write("index", name, b"second")
+    assert backend.read("index", name) == b"first"
+
+
+def test_listing_hides_temp_files_and_files_are_read_only(backend, tmp_path):
+    data = b"payload"
+    name = name_of(data)
+    backend.write("data", name, data)
+    path = backend.path("data", name)
+    assert path.endswith(f"data/{name[:2]}/{name}")
+    assert os.stat(path).st_mode & 0o777 == 0o400
+    with open(path + TEMP_MARK + "123", "wb") as f:
+        f.write(b"half")
+    with open(os.path.join(backend.root, "index", "c" * 64 + TEMP_MARK + "9"), "wb") as f:
+        f.write(b"half")
+    assert [n for n, _ in backend.list("data")] == [name]
+    assert list(backend.list("index")) == []
+    assert len(list(backend.list_temp("data"))) == 1
+
+
+def test_concurrent_writes(backend):
+    blobs = [os.urandom(1000) for _ in range(64)]
+
+    def work(chunk):
+        for b in chunk:
+            backend.write("data", name_of(b), b)
+
+    threads = [threading.Thread(target=work, args=(blobs[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(n for n, _ in backend.list("data")) == sorted(name_of(b) for b in blobs)
+
+
+def test_write_error_mapping(tmp_path, monkeypatch):
+    """An OS error while writing becomes a BackendError with advice and leaves no temp file."""
+    be = LocalBackend(str(tmp_path / "v"))
+    be.create()
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(BackendError, match="free some space"):
+        be.write("index", "d" * 64, b"data")
+    monkeypatch.setattr(os, "write", real_write)
+    assert list(be.list_temp("index")) == []
+    assert not be.exists("index", "d" * 64)
+
+
+def test_open_backend_locations(tmp_path):
+    assert isinstance(open_backend(str(tmp_path)), LocalBackend)
+    assert isinstance(open_backend(f"local:{tmp_path}"), LocalBackend)
+    with pytest.raises(UsageError):
+        open_backend("")
+    with pytest.raises(UsageError):
+        open_backend("s3:http://127.0.0.1/bucket")
