@@ -133,9 +133,39 @@ def test_write_error_mapping(tmp_path, monkeypatch):
 
 
 def test_open_backend_locations(tmp_path):
-    assert isinstance(open_backend(str(tmp_path)), LocalBackend)
-    assert isinstance(open_backend(f"local:{tmp_path}"), LocalBackend)
+    assert isinstance(open_backend(str(tmp_path)).inner, LocalBackend)
+    assert isinstance(open_backend(f"local:{tmp_path}").inner, LocalBackend)
     with pytest.raises(UsageError):
         open_backend("")
     with pytest.raises(UsageError):
         open_backend("s3:http://127.0.0.1/bucket")
+
+
+class _Flaky(LocalBackend):
+    """A real local backend whose reads fail temporarily a given number of times."""
+
+    def __init__(self, path, failures):
+        super().__init__(path)
+        self.failures = failures
+
+    def read(self, kind, name, offset=0, length=None):
+        if self.failures:
+            self.failures -= 1
+            raise BackendError("connection reset", temporary=True)
+        return super().read(kind, name, offset, length)
+
+
+def test_retry_wrapper_retries_temporary_errors_only(tmp_path):
+    from vaultfs.backend.retry import RetryBackend
+
+    flaky = _Flaky(str(tmp_path / "v"), failures=2)
+    flaky.create()
+    flaky.write("index", "e" * 64, b"ok")
+    assert RetryBackend(flaky, first_delay=0.001).read("index", "e" * 64) == b"ok"
+    flaky.failures = 9
+    with pytest.raises(BackendError):
+        RetryBackend(flaky, attempts=3, first_delay=0.001).read("index", "e" * 64)
+    assert flaky.failures == 6
+    flaky.failures = 0
+    with pytest.raises(ObjectNotFound):
+        RetryBackend(flaky, first_delay=0.001).read("index", "f" * 64)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from vaultfs.backend.base import KINDS, Backend
 from vaultfs.backend.local import LocalBackend
+from vaultfs.backend.retry import RetryBackend
 from vaultfs.errors import UsageError
 
-__all__ = ["KINDS", "Backend", "LocalBackend", "open_backend"]
+__all__ = ["KINDS", "Backend", "LocalBackend", "RetryBackend", "open_backend"]
 
 
 def open_backend(location: str) -> Backend:
@@ -14,8 +15,8 @@ def open_backend(location: str) -> Backend:
     if not location:
         raise UsageError("no vault location given: use -r/--repo or set VAULT_REPOSITORY")
     if location.startswith("local:"):
-        return LocalBackend(location[len("local:") :])
+        return RetryBackend(LocalBackend(location[len("local:") :]))
     for scheme in ("rest:", "sftp:", "s3:", "rclone:", "b2:", "azure:", "gs:", "swift:"):
         if location.startswith(scheme):
             raise UsageError(f"backend {scheme[:-1]!r} is not supported yet; use a local folder")
-    return LocalBackend(location)
+    return RetryBackend(LocalBackend(location))
