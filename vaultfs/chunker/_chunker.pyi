@@ -1,0 +1,26 @@
+"""Type stub for the C core of vaultfs.chunker (see ``_chunker.c`` and the package docstring)."""
+
+from typing_extensions import Buffer
+
+WINDOW_SIZE: int
+
+class Chunker:
+    def __new__(
+        cls,
+        polynomial: int,
+        min_size: int = 524288,
+        max_size: int = 8388608,
+        average_bits: int = 20,
+    ) -> Chunker: ...
+    @property
+    def polynomial(self) -> int: ...
+    @property
+    def min_size(self) -> int: ...
+    @property
+    def max_size(self) -> int: ...
+    @property
+    def average_bits(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    def feed(self, buffer: Buffer, /) -> list[int]: ...
+    def reset(self) -> None: ...
