@@ -1,0 +1,452 @@
+"""vault restore on real vaults built with the Repository API: content, metadata, hardlinks, special files,
+sub-paths, include/exclude, existing targets, damaged blobs, and the CLI's exit codes and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.tools.cli import one_line_error, vault
+from vaultfs.backend import LocalBackend
+from vaultfs.errors import NotFoundError, UsageError, VaultError
+from vaultfs.format.gojson import GoTime
+from vaultfs.format.pack import DATA
+from vaultfs.format.snapshot import Snapshot
+from vaultfs.format.tree import (
+    GO_DEVICE,
+    GO_DIR,
+    GO_NAMED_PIPE,
+    GO_SETGID,
+    GO_SETUID,
+    GO_SOCKET,
+    GO_STICKY,
+    GO_SYMLINK,
+    Node,
+)
+from vaultfs.ops import restore as restore_mod
+from vaultfs.ops.restore import Selector, restore
+from vaultfs.repo.repository import Repository
+
+ROOT = os.geteuid() == 0
+T0 = 1_600_000_000_123_456_789
+
+
+def _t(i: int) -> GoTime:
+    return GoTime(T0 + i * 1_000_000_007)
+
+
+class VaultBuilder:
+    """Builds trees of Nodes into a fresh vault; times and inodes are handed out deterministically."""
+
+    def __init__(self, path: Path, version: int = 2) -> None:
+        self.repo = Repository.init(LocalBackend(str(path)), b"pw", version=version)
+        self.repo.load_index()
+        self.clock = 0
+        self.chunks: dict[bytes, bytes] = {}
+
+    def times(self) -> dict:
+        self.clock += 1
+        return {"mtime": _t(self.clock), "atime": _t(self.clock - 1000), "ctime": _t(self.clock)}
+
+    def file(self, name: str, pieces: list[bytes], mode: int = 0o644, **extra) -> Node:
+        ids = []
+        for piece in pieces:
+            blob_id, _ = self.repo.save_blob(DATA, piece)
+            self.chunks[blob_id] = piece
+            ids.append(blob_id)
+        fields = {"uid": 0, "gid": 0, "links": 1, **self.times(), **extra}
+        return Node(
+            name=name,
+            type="file",
+            mode=mode,
+            size=sum(map(len, pieces)),
+            content=ids,
+            **fields,
+        )
+
+    def dir(self, name: str, children: list[Node], mode: int = 0o755, **extra) -> Node:
+        return Node(
+            name=name,
+            type="dir",
+            mode=GO_DIR | mode,
+            subtree=self.repo.save_tree(children),
+            **{**self.times(), **extra},
+        )
+
+    def symlink(self, name: str, target: str, **extra) -> Node:
+        return Node(
+            name=name,
+            type="symlink",
+            mode=GO_SYMLINK | 0o777,
+            linktarget=target,
+            **{**self.times(), **extra},
+        )
+
+    def snapshot(self, children: list[Node]) -> str:
+        tree = self.repo.save_tree(children)
+        snap_id = self.repo.save_snapshot(Snapshot(GoTime.now(), tree, ["/src"], hostname="h"))
+        self.repo.flush()
+        return snap_id
+
+
+def _mtime(path: Path) -> int:
+    return os.lstat(path).st_mtime_ns
+
+
+def _atime(path: Path) -> int:
+    return os.lstat(path).st_atime_ns
+
+
+@pytest.fixture
+def sample(tmp_path):
+    """A vault with one snapshot holding most kinds of entries; returns (builder, snapshot id, nodes)."""
+    b = VaultBuilder(tmp_path / "vault")
+    big = [os.urandom(n) for n in (300_000, 1, 70_000, 250_000)]
+    nodes = {
+        "big": b.file("big", big, mode=0o640),
+        "empty": b.file("empty", []),
+        "noaccess": b.file("noaccess", [b"mode zero\n"], mode=0o000),
+        "setuid": b.file("setuid", [b"#!/bin/sh\n"], mode=0o755 | GO_SETUID | GO_SETGID),
+        "xattr": b.file(
+            "xattr",
+            [b"x\n"],
+            extended_attributes=[("user.one", b"1"), ("user.bin", bytes(range(256)))],
+        ),
+        "hl1": b.file("hl1", [b"shared inode\n"], links=2, inode=77, device_id=5),
+        "odd": b.file("odd name \udcff\n", [b"odd\n"]),
+        "owned": b.file("owned", [b"owned\n"], uid=1234, gid=5678),
+    }
+    inner = [
+        b.file("hl2", [b"shared inode\n"], links=2, inode=77, device_id=5),
+        b.file("deep", [b"deep\n"]),
+        b.dir("empty-dir", [], mode=0o700),
+    ]
+    nodes["sub"] = b.dir("sub", inner, mode=0o775 | GO_SETGID | GO_STICKY)
+    nodes["link"] = b.symlink("link", "sub/deep")
+    nodes["dangling"] = b.symlink("dangling", "no/such/thing")
+    nodes["fifo"] = Node(name="fifo", type="fifo", mode=GO_NAMED_PIPE | 0o640, **b.times())
+    nodes["sock"] = Node(name="sock", type="socket", mode=GO_SOCKET | 0o755, **b.times())
+    nodes["null"] = Node(
+        name="null", type="chardev", mode=GO_DEVICE | 0o666, device=os.makedev(1, 3), **b.times()
+    )
+    snap_id = b.snapshot(list(nodes.values()))
+    return b, snap_id, nodes
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_restore_everything(tmp_path, version):
+    b = VaultBuilder(tmp_path / f"vault{version}", version)
+    pieces = [os.urandom(200_000), b"tail"]
+    snap = b.snapshot([b.file("f", pieces), b.dir("d", [b.file("g", [b"g\n"])])])
+    target = tmp_path / "out"
+    report = restore(b.repo, snap, target)
+    assert report.ok and report.files == 2 and report.dirs == 1
+    assert (target / "f").read_bytes() == b"".join(pieces)
+    assert (target / "d" / "g").read_bytes() == b"g\n"
+    assert report.bytes == 200_000 + len(b"tail") + len(b"g\n")
+
+
+def test_content_and_metadata(sample, tmp_path):
+    b, snap_id, nodes = sample
+    target = tmp_path / "out"
+    seen = []
+    report = restore(
+        b.repo, snap_id, target, progress=lambda done, total: seen.append((done, total))
+    )
+    assert report.errors == []
+    assert seen and seen[-1][0] == seen[-1][1] == report.bytes
+    # every file's content once; the hardlink's second name shares the first one's inode
+    assert report.bytes == sum(n.size for n in nodes.values() if n.type == "file") + len(b"deep\n")
+    # nanosecond times: files, folders (set after their content), symlinks themselves; checked before
+    # anything is read, since reading updates the access time
+    for key in ("big", "empty", "noaccess", "sub", "link", "dangling", "fifo", "odd"):
+        node = nodes[key]
+        assert _mtime(target / node.name) == node.mtime.ns, key
+        assert _atime(target / node.name) == node.atime.ns, key
+    assert (target / "big").read_bytes() == b"".join(b.chunks[c] for c in nodes["big"].content)
+    assert (target / "empty").read_bytes() == b""
+    assert (target / "noaccess").read_bytes() == b"mode zero\n"
+    modes = {
+        "big": 0o640,
+        "noaccess": 0o000,
+        "setuid": 0o6755,
+        "sub": 0o3775,
+        "sub/empty-dir": 0o700,
+        "fifo": 0o640,
+    }
+    for name, mode in modes.items():
+        assert stat.S_IMODE(os.lstat(target / name).st_mode) == mode, name
+    assert stat.S_ISFIFO(os.lstat(target / "fifo").st_mode)
+    assert not (target / "sock").exists()
+    assert os.readlink(target / "link") == "sub/deep"
+    assert os.readlink(target / "dangling") == "no/such/thing"
+    assert (target / "odd name \udcff\n").read_bytes() == b"odd\n"
+    assert os.getxattr(target / "xattr", "user.one") == b"1"
+    assert os.getxattr(target / "xattr", "user.bin") == bytes(range(256))
+    # hardlinks: the two names share one inode
+    st1, st2 = os.stat(target / "hl1"), os.stat(target / "sub" / "hl2")
+    assert st1.st_ino == st2.st_ino and st1.st_nlink == 2
+    assert report.hardlinks == 1
+    if ROOT:
+        assert (os.lstat(target / "owned").st_uid, os.lstat(target / "owned").st_gid) == (
+            1234,
+            5678,
+        )
+        null = os.lstat(target / "null")
+        assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+        assert stat.S_IMODE(null.st_mode) == 0o666
+    else:
+        assert not (target / "null").exists()
+        assert any("device" in w.message for w in report.warnings)
+
+
+def test_subpath_restores_folder_contents_or_one_file(sample, tmp_path):
+    b, snap_id, nodes = sample
+    report = restore(b.repo, snap_id, tmp_path / "a", subpath="/sub")
+    assert report.ok
+    assert sorted(os.listdir(tmp_path / "a")) == ["deep", "empty-dir", "hl2"]
+    assert (tmp_path / "a" / "deep").read_bytes() == b"deep\n"
+    restore(b.repo, snap_id, tmp_path / "b", subpath="sub/deep")
+    assert os.listdir(tmp_path / "b") == ["deep"]
+    with pytest.raises(NotFoundError):
+        restore(b.repo, snap_id, tmp_path / "c", subpath="/nope")
+
+
+def _restored(root: Path) -> set[str]:
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            out.add(os.path.relpath(os.path.join(folder, name), root))
+    return out
+
+
+@pytest.fixture
+def filter_vault(tmp_path):
+    b = VaultBuilder(tmp_path / "vault")
+    tree = [
+        b.dir(
+            "a",
+            [b.dir("b", [b.file("f.txt", [b"f"])]), b.file("g.log", [b"g"])],
+            mode=0o750,
+        ),
+        b.dir("c", [b.file("h.txt", [b"h"])]),
+        b.file("top.txt", [b"t"]),
+    ]
+    return b, b.snapshot(tree), tree
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "expected"),
+    [
+        (["/a/b"], [], {"a", "a/b", "a/b/f.txt"}),
+        (["*.txt"], [], {"a", "a/b", "a/b/f.txt", "c", "c/h.txt", "top.txt"}),
+        (["b"], [], {"a", "a/b", "a/b/f.txt"}),
+        (["*/top.txt"], [], set()),
+        (["*.txt", "!/a/b"], [], {"c", "c/h.txt", "top.txt"}),
+        (["/a/**/f.txt"], [], {"a", "a/b", "a/b/f.txt"}),
+        (["[^a]"], [], {"a", "a/b", "a/b/f.txt", "c", "c/h.txt"}),
+        (["a/"], [], {"a", "a/b", "a/b/f.txt", "a/g.log"}),
+        ([], ["a"], {"c", "c/h.txt", "top.txt"}),
+        ([], ["./a"], {"c", "c/h.txt", "top.txt"}),
+        ([], ["*.txt", "!c/h.txt"], {"a", "a/b", "a/g.log", "c", "c/h.txt"}),
+        ([], ["!a"], {"a", "a/b", "a/b/f.txt", "a/g.log", "c", "c/h.txt", "top.txt"}),
+    ],
+)
+def test_include_exclude_follow_restic(filter_vault, tmp_path, include, exclude, expected):
+    # The expected sets are what restic 0.14 restores for these patterns (the interop test checks the
+    # same against the real binary).
+    b, snap_id, _tree = filter_vault
+    report = restore(b.repo, snap_id, tmp_path / "out", include=include, exclude=exclude)
+    assert report.ok
+    assert _restored(tmp_path / "out") == expected
+
+
+def test_include_restores_metadata_of_folders_leading_to_matches(filter_vault, tmp_path):
+    b, snap_id, tree = filter_vault
+    restore(b.repo, snap_id, tmp_path / "out", include=["f.txt"])
+    a = tree[0]
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "a").st_mode) == 0o750
+    assert _mtime(tmp_path / "out" / "a") == a.mtime.ns
+
+
+def test_bad_patterns_are_usage_errors():
+    for bad in (["["], ["a[]"], ["x\\"], ["[a-"], ["[]a]"], ["[-a]"]):
+        with pytest.raises(UsageError):
+            Selector(include=bad)
+    with pytest.raises(UsageError):
+        Selector(include=["a"], exclude=["b"])
+    # Go's filepath.Match rules: ranges, escapes, negated classes
+    sel = Selector(include=["/[a-c]\\*", "/x[^0-9]?"])
+    assert sel.select("/b*", False) == (True, False)
+    assert sel.select("/bz", False) == (False, False)
+    assert sel.select("/xa1", False)[0] and not sel.select("/x11", False)[0]
+
+
+def test_existing_files_are_skipped_unless_overwrite(sample, tmp_path):
+    b, snap_id, _nodes = sample
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    (target / "big").write_bytes(b"mine")
+    (target / "sub" / "deep").symlink_to("/etc/passwd")
+    report = restore(b.repo, snap_id, target)
+    assert not report.ok and report.skipped == 2
+    assert {p.path for p in report.errors} == {"/big", "/sub/deep"}
+    assert (target / "big").read_bytes() == b"mine"
+    assert os.readlink(target / "sub" / "deep") == "/etc/passwd"
+    assert (target / "empty").exists()  # everything else was restored
+    again = restore(b.repo, snap_id, target, overwrite=True)
+    assert again.ok, again.errors
+    assert (target / "big").stat().st_size == 620_001
+    assert (target / "sub" / "deep").read_bytes() == b"deep\n"
+    assert not (target / "sub" / "deep").is_symlink()
+
+
+def test_overwrite_never_removes_a_folder(sample, tmp_path):
+    b, snap_id, _nodes = sample
+    target = tmp_path / "out"
+    (target / "big").mkdir(parents=True)
+    (target / "big" / "keep").write_text("keep")
+    report = restore(b.repo, snap_id, target, overwrite=True)
+    assert [p.path for p in report.errors] == ["/big"]
+    assert (target / "big" / "keep").read_text() == "keep"
+
+
+def test_dry_run_changes_nothing(sample, tmp_path):
+    b, snap_id, nodes = sample
+    report = restore(b.repo, snap_id, tmp_path / "out", dry_run=True)
+    assert report.ok and report.dry_run
+    assert not (tmp_path / "out").exists()
+    assert report.files == sum(1 for n in nodes.values() if n.type == "file") + 2
+    assert report.bytes > 620_000
+
+
+def _damage(repo: Repository, blob_id: bytes) -> tuple[str, int]:
+    loc = repo.index.lookup(blob_id, DATA)
+    path = repo.backend.path("data", loc.pack_id.hex())
+    os.chmod(path, 0o600)
+    raw = bytearray(Path(path).read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0x40
+    Path(path).write_bytes(raw)
+    return loc.pack_id.hex(), loc.offset
+
+
+@pytest.mark.parametrize("gap", [0, restore_mod.MERGE_GAP])
+def test_corrupt_blob_names_the_file_and_the_rest_is_restored(tmp_path, monkeypatch, gap):
+    monkeypatch.setattr(restore_mod, "MERGE_GAP", gap)
+    b = VaultBuilder(tmp_path / "vault")
+    pieces = [os.urandom(100_000) for _ in range(3)]
+    victim = os.urandom(50_000)
+    nodes = [
+        b.file("a-before", [pieces[0]]),
+        b.file("b-victim", [pieces[1], victim, pieces[2]]),
+        b.file("c-after", [pieces[2], pieces[0]]),
+    ]
+    snap_id = b.snapshot(nodes)
+    victim_id = nodes[1].content[1]
+    pack, _ = _damage(b.repo, victim_id)
+    report = restore(b.repo, snap_id, tmp_path / "out", workers=2)
+    assert [p.path for p in report.errors] == ["/b-victim"]
+    message = report.errors[0].message
+    assert victim_id.hex() in message and pack in message
+    out = tmp_path / "out"
+    assert (out / "a-before").read_bytes() == pieces[0]
+    assert (out / "c-after").read_bytes() == pieces[2] + pieces[0]
+    damaged = (out / "b-victim").read_bytes()
+    assert damaged[:100_000] == pieces[1] and damaged[150_000:] == pieces[2]
+
+
+def test_missing_pack_and_unknown_blob_are_reported(tmp_path):
+    b = VaultBuilder(tmp_path / "vault")
+    nodes = [b.file("lost", [os.urandom(1000)])]
+    b.repo.flush()  # "kept" goes into another pack
+    nodes.append(b.file("kept", [b"kept"]))
+    nodes.append(
+        Node(name="unindexed", type="file", mode=0o644, size=3, content=[b"\x01" * 32], **b.times())
+    )
+    snap_id = b.snapshot(nodes)
+    lost = b.repo.index.lookup(nodes[0].content[0], DATA)
+    os.remove(b.repo.backend.path("data", lost.pack_id.hex()))
+    report = restore(b.repo, snap_id, tmp_path / "out")
+    errors = {p.path: p.message for p in report.errors}
+    assert set(errors) == {"/lost", "/unindexed"}
+    assert lost.pack_id.hex() in errors["/lost"]
+    assert ("01" * 32) in errors["/unindexed"]
+    assert (tmp_path / "out" / "lost").exists()  # created, with its metadata, but empty
+    assert (tmp_path / "out" / "kept").read_bytes() == b"kept"
+
+
+def test_many_files_across_batches_and_ranges(tmp_path, monkeypatch):
+    # Small batches and ranges exercise the pipelined hand-over and range splitting.
+    monkeypatch.setattr(restore_mod, "BATCH_BLOBS", 7)
+    monkeypatch.setattr(restore_mod, "MAX_RANGE", 64 * 1024)
+    b = VaultBuilder(tmp_path / "vault")
+    shared = os.urandom(20_000)
+    files = {f"f{i:03d}": [os.urandom(1 + i * 97 % 5000), shared] for i in range(120)}
+    snap_id = b.snapshot([b.dir("d", [b.file(n, p) for n, p in files.items()])])
+    report = restore(b.repo, snap_id, tmp_path / "out", workers=3)
+    assert report.ok and report.files == 120
+    for name, pieces in files.items():
+        assert (tmp_path / "out" / "d" / name).read_bytes() == b"".join(pieces)
+
+
+def test_target_that_cannot_be_created_is_one_vault_error(sample, tmp_path):
+    b, snap_id, _nodes = sample
+    (tmp_path / "plainfile").write_text("x")
+    with pytest.raises(VaultError, match="plainfile"):
+        restore(b.repo, snap_id, tmp_path / "plainfile" / "sub")
+    with pytest.raises(VaultError, match="not a folder"):
+        restore(b.repo, snap_id, tmp_path / "plainfile")
+
+
+def test_invalid_names_in_a_snapshot_are_refused(tmp_path):
+    b = VaultBuilder(tmp_path / "vault")
+    evil = b.file("..", [b"evil"])
+    snap_id = b.snapshot([b.dir("d", [evil]), b.file("ok", [b"ok"])])
+    report = restore(b.repo, snap_id, tmp_path / "t" / "out")
+    assert [p.path for p in report.errors] == ["/d/.."]
+    assert sorted(os.listdir(tmp_path / "t")) == ["out"]
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_restore_json_and_exit_codes(sample, tmp_path):
+    b, snap_id, _nodes = sample
+    repo = b.repo.backend.root
+    target = tmp_path / "cli"
+    res = vault("-r", repo, "restore", f"{snap_id[:8]}:/sub", "--target", target, "--json")
+    doc = json.loads(res.out)
+    assert doc["files_restored"] == 2 and doc["errors"] == [] and doc["bytes_restored"] == 18
+    assert sorted(os.listdir(target)) == ["deep", "empty-dir", "hl2"]
+    # existing files: errors for each, exit 1, listed in the JSON document
+    res = vault("-r", repo, "restore", "latest:sub", "--target", target, "--json", expect=1)
+    doc = json.loads(res.out)
+    assert sorted(e["path"] for e in doc["errors"]) == ["/deep", "/hl2"]
+    assert doc["skipped"] == 2
+    res = vault("-r", repo, "restore", "latest:sub", "-t", target, "--overwrite")
+    assert "restored 2 files" in res.out
+    res = vault(
+        "-r", repo, "restore", "latest", "-t", target, "--include", "a", "--exclude", "b", expect=2
+    )
+    assert "cannot be combined" in one_line_error(res)
+    res = vault("-r", repo, "restore", "nosuch", "-t", target, expect=1)
+    assert "nosuch" in one_line_error(res)
+    res = vault("-r", repo, "restore", "latest:/missing", "-t", target, expect=1)
+    assert "missing" in one_line_error(res)
+    (tmp_path / "afile").write_text("x")
+    res = vault("-r", repo, "restore", "latest", "-t", tmp_path / "afile", expect=1)
+    assert "not a folder" in one_line_error(res)
+
+
+def test_cli_errors_for_damaged_data_print_the_file(tmp_path):
+    b = VaultBuilder(tmp_path / "vault")
+    node = b.file("victim", [os.urandom(5000)])
+    snap_id = b.snapshot([node, b.file("fine", [b"fine"])])
+    _damage(b.repo, node.content[0])
+    res = vault("-r", b.repo.backend.root, "restore", snap_id, "-t", tmp_path / "out", expect=1)
+    assert "error: /victim: content lost" in res.err and node.content[0].hex() in res.err
+    assert (tmp_path / "out" / "fine").read_bytes() == b"fine"

@@ -1,0 +1,943 @@
+"""Restore a snapshot (or a folder or file inside it) into a target folder, as restic's ``restore`` does.
+
+Two phases:
+
+1. **Walk** (calling thread): the snapshot's trees are walked depth-first in name order, the include/exclude
+   patterns are applied, folders, symlinks, fifos, devices and hardlinks are created, and every regular file
+   is created empty. Each data blob a file needs is planned as (file, offset): the offset of a chunk is the
+   sum of the plaintext sizes of the chunks before it, which the index knows without reading anything.
+2. **Content** (worker threads): the planned blobs are grouped by pack, blobs of one pack that lie close
+   together are read with one range read, each blob is decrypted, decompressed and checked against its ID
+   (``Repository.decode_blob``) from a memoryview slice and written with ``os.pwrite`` at its offsets. At most
+   a few ranges (a few MiB each) are in flight, so memory stays bounded whatever the file sizes. A file's
+   metadata is applied by the worker that writes its last chunk. AES, zstd, SHA-256 and file I/O release
+   the GIL, so the workers use both cores.
+
+Finally folder metadata is applied bottom-up, so creating an entry inside a folder never changes the folder's
+mtime after it has been set.
+
+Metadata follows restic: mode with setuid/setgid/sticky, atime and mtime with nanoseconds (symlinks' own
+times too), numeric owners when running as root, extended attributes; files with ``links > 1`` that share
+``inode`` and ``device_id`` in the snapshot become hardlinks of one file; fifos, and devices when root.
+Sockets are skipped, as restic does.
+
+Include and exclude patterns have restic's semantics (``filter`` package): a pattern is split at ``/`` and
+matched component-wise with Go's ``filepath.Match`` syntax against the path inside the restored tree (``/``
+plus the path below the snapshot root or the chosen sub-folder); a pattern starting with ``/`` is anchored
+at the root and matches a path that starts with it, any other pattern matches any run of consecutive
+components; ``**`` matches any number of folders; ``!pattern`` un-matches. Includes keep matching items and
+the folders leading to them.
+
+Errors: a blob that is missing or corrupt is reported with the file, pack and blob, and the restore goes on
+with everything else; an existing target entry is reported and skipped unless ``overwrite``. A target that
+cannot be created or written, or a full disk, raises a VaultError.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from vaultfs.errors import NotFoundError, UsageError, VaultError
+from vaultfs.format.pack import DATA
+from vaultfs.format.tree import Node, fs_bytes
+from vaultfs.ops import fsmeta
+from vaultfs.repo.masterindex import BlobLocation
+from vaultfs.repo.repository import Repository
+
+#: Blobs of one pack closer than this are read together: reading a small gap is cheaper than a second read.
+MERGE_GAP = 256 * 1024
+#: Largest range read of several blobs (a single larger blob is still read in one piece).
+MAX_RANGE = 8 * 1024 * 1024
+#: Worker threads for reading, decoding and writing.
+DEFAULT_WORKERS = 6
+#: The walk hands its planned blobs to the workers whenever this much content (or this many blobs) is
+#: planned: big enough to merge neighbouring blobs into one read, small enough to start writing early.
+BATCH_BYTES = 64 * 1024 * 1024
+BATCH_BLOBS = 2048
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_CREATE_FLAGS = _WRITE_FLAGS | os.O_CREAT | os.O_EXCL
+# These hit every later write as well: stop the whole restore with one clear message.
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+ProgressCallback = Callable[[int, int], None]
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestoreProblem:
+    """One problem with one item. ``path`` is the item's path inside the restored tree (``/a/b``),
+    a str decoded with surrogateescape; ``display_path`` makes it printable."""
+
+    path: str
+    message: str
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did. ``errors`` make the restore incomplete (exit 1), ``warnings`` are metadata that
+    could not be applied (an xattr the target file system refuses, a device without root)."""
+
+    snapshot_id: str
+    target: str
+    dry_run: bool = False
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    special: int = 0
+    hardlinks: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    errors: list[RestoreProblem] = field(default_factory=list)
+    warnings: list[RestoreProblem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict:
+        return {
+            "message_type": "summary",
+            "snapshot_id": self.snapshot_id,
+            "target": display_path(self.target),
+            "dry_run": self.dry_run,
+            "files_restored": self.files,
+            "dirs_restored": self.dirs,
+            "symlinks_restored": self.symlinks,
+            "special_restored": self.special,
+            "hardlinks_restored": self.hardlinks,
+            "bytes_restored": self.bytes,
+            "skipped": self.skipped,
+            "errors": [{"path": display_path(p.path), "message": p.message} for p in self.errors],
+            "warnings": [
+                {"path": display_path(p.path), "message": p.message} for p in self.warnings
+            ],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def display_path(path: str) -> str:
+    """A path as printable text: undecodable bytes as \\xNN (JSON and terminals cannot carry them)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# -- patterns -----------------------------------------------------------------------------------
+
+
+class _Part:
+    __slots__ = ("text", "regex")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.regex = None if not any(c in text for c in "\\[]*?") else _glob_regex(text)
+
+    def matches(self, component: str) -> bool:
+        if self.regex is None:
+            return self.text == component
+        return self.regex.fullmatch(component) is not None
+
+
+def _glob_regex(part: str) -> re.Pattern[str]:
+    """Go's filepath.Match syntax for one path component as a regex; UsageError when malformed."""
+    out = []
+    i, n = 0, len(part)
+
+    def bad() -> UsageError:
+        return UsageError(f"invalid pattern component {part!r} (Go filepath.Match syntax)")
+
+    def escaped(j: int) -> tuple[str, int]:
+        # One class character: rejects an unescaped '-' or ']' and a class left open, as Go does.
+        if j >= n or part[j] in "-]":
+            raise bad()
+        if part[j] == "\\":
+            j += 1
+            if j >= n:
+                raise bad()
+        if j + 1 >= n:
+            raise bad()
+        return part[j], j + 1
+
+    while i < n:
+        c = part[i]
+        if c == "*":
+            while i < n and part[i] == "*":
+                i += 1
+            out.append(".*")
+            continue
+        if c == "?":
+            out.append(".")
+        elif c == "\\":
+            if i + 1 >= n:
+                raise bad()
+            i += 1
+            out.append(re.escape(part[i]))
+        elif c == "[":
+            i += 1
+            negate = i < n and part[i] == "^"
+            if negate:
+                i += 1
+            ranges = []
+            while True:
+                if i < n and part[i] == "]" and ranges:
+                    break
+                lo, i = escaped(i)
+                hi = lo
+                if part[i] == "-":
+                    hi, i = escaped(i + 1)
+                ranges.append((lo, hi))
+            usable = [(lo, hi) for lo, hi in ranges if lo <= hi]
+            body = "".join(
+                re.escape(lo) if lo == hi else f"{re.escape(lo)}-{re.escape(hi)}"
+                for lo, hi in usable
+            )
+            if negate:
+                out.append(f"[^{body}]" if body else ".")
+            else:
+                out.append(f"[{body}]" if body else "(?!)")
+        elif c == "]":
+            raise bad()
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+class Pattern:
+    """One include or exclude pattern, parsed once (restic's filter.Pattern)."""
+
+    def __init__(self, text: str) -> None:
+        self.original = text
+        self.negated = text.startswith("!")
+        body = text[1:] if self.negated else text
+        if not body:
+            raise UsageError(f"empty pattern {text!r}")
+        cleaned = posixpath.normpath(body)
+        if cleaned.startswith("//"):
+            cleaned = "/" + cleaned.lstrip("/")
+        self.parts = [_Part(p) for p in cleaned.split("/")]
+        self.absolute = self.parts[0].text == ""
+        self.double_star = next((i for i, p in enumerate(self.parts) if p.text == "**"), -1)
+
+    def match(self, strs: list[str]) -> bool:
+        return _match(self.parts, strs)
+
+    def child_may_match(self, strs: list[str]) -> bool:
+        """Whether something below ``strs`` could match: always for relative patterns; for anchored ones
+        when the path is a prefix the pattern can still extend."""
+        if not self.absolute:
+            return True
+        if self.double_star >= 0 and len(strs) >= self.double_star:
+            strs = strs[: self.double_star]
+        n = min(len(strs), len(self.parts))
+        return _match(self.parts[:n], strs)
+
+
+def _match(parts: list[_Part], strs: list[str]) -> bool:
+    star = next((i for i, p in enumerate(parts) if p.text == "**"), -1)
+    if star >= 0:
+        # "**" stands for zero or more components: try every expansion into single-component wildcards.
+        any_part = _Part("*")
+        for k in range(0, len(strs) - len(parts) + 2):
+            if _match(parts[:star] + [any_part] * k + parts[star + 1 :], strs):
+                return True
+        return False
+    if not parts:
+        return not strs
+    if len(parts) > len(strs):
+        return False
+    lowest = 0
+    highest = len(strs) - len(parts)
+    if parts[0].text == "":
+        highest = 0  # anchored: only at the root
+    elif strs[0] == "":
+        lowest = 1  # a relative pattern never matches the root marker
+    for offset in range(highest, lowest - 1, -1):
+        if all(parts[i].matches(strs[offset + i]) for i in range(len(parts) - 1, -1, -1)):
+            return True
+    return False
+
+
+def parse_patterns(patterns: Iterable[str]) -> list[Pattern]:
+    """Parse include/exclude patterns (empty ones are ignored, as restic does); UsageError if malformed."""
+    return [Pattern(p) for p in patterns if p]
+
+
+class Selector:
+    """restic's restore selection: ``select(location, is_dir) -> (restore it, look inside it)``.
+
+    With excludes, an item is restored unless an exclude matches it, and a folder is entered only when it
+    is restored. With includes, an item is restored when an include matches it, and a folder is entered
+    when an include may match something below it. Without patterns everything is restored.
+    """
+
+    def __init__(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
+        self.include = parse_patterns(include)
+        self.exclude = parse_patterns(exclude)
+        if self.include and self.exclude:
+            raise UsageError("--include and --exclude cannot be combined (as in restic)")
+        patterns = self.include or self.exclude
+        self._has_negated = any(p.negated for p in patterns)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.include or self.exclude)
+
+    def _list(self, patterns: list[Pattern], strs: list[str], children: bool) -> tuple[bool, bool]:
+        matched = child = False
+        for pat in patterns:
+            m = pat.match(strs)
+            if pat.negated:
+                matched = matched and not m
+                child = child and not m
+                continue
+            matched = matched or m
+            if children:
+                child = child or pat.child_may_match(strs)
+            if matched and (child or not children) and not self._has_negated:
+                break
+        return matched, child
+
+    def select(self, location: str, is_dir: bool) -> tuple[bool, bool]:
+        if self.exclude:
+            rejected, _ = self._list(self.exclude, location.split("/"), False)
+            return not rejected, (not rejected) and is_dir
+        if self.include:
+            matched, child = self._list(self.include, location.split("/"), True)
+            return matched, child and is_dir
+        return True, is_dir
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+
+class _Fatal(Exception):
+    """Carries a VaultError out of a worker thread."""
+
+
+@dataclass(eq=False)
+class _File:
+    path: bytes
+    location: str
+    node: Node
+    pending: int  # chunk writes still to come; the writer of the last one applies the metadata
+    create: bool  # a worker creates it (single-chunk files); otherwise the walk already did
+
+
+@dataclass(eq=False)
+class _Blob:
+    loc: BlobLocation
+    targets: list[tuple[_File, int]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Frame:
+    path: bytes
+    location: str
+    node: Node | None
+    nodes: list[Node]
+    parent: _Frame | None
+    selected: bool
+    # None: not created yet; True: exists; False: could not be created (children are skipped)
+    ready: bool | None
+    index: int = 0
+    restored_child: bool = False
+
+
+def _plain_size(loc: BlobLocation) -> int:
+    return loc.uncompressed_length or loc.length - 32
+
+
+class _Restorer:
+    """One restore run. The walk runs in the calling thread and hands batches of planned blobs to the
+    worker pool as it goes, so reading and writing content overlaps the walk."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        report: RestoreReport,
+        selector: Selector,
+        *,
+        overwrite: bool,
+        dry_run: bool,
+        progress: ProgressCallback | None,
+        workers: int,
+    ) -> None:
+        self.repo = repo
+        self.report = report
+        self.selector = selector
+        self.overwrite = overwrite
+        self.dry_run = dry_run
+        self.progress = progress
+        self.workers = max(1, workers)
+        self.owners = fsmeta.is_root()
+        self.lock = threading.Lock()
+        self.plan: dict[bytes, dict[tuple[bytes, int], _Blob]] = {}
+        self.plan_bytes = 0
+        self.plan_blobs = 0
+        self.links: dict[tuple[int, int], bytes] = {}
+        self.dirs_done: list[tuple[bytes, str, Node]] = []
+        self.total_bytes = 0
+        self.done_bytes = 0
+        self.abort = threading.Event()
+        self.pool: ThreadPoolExecutor | None = None
+        self.running: set[Future[None]] = set()
+
+    # -- problems ---------------------------------------------------------------------------------
+
+    def error(self, location: str, message: str) -> None:
+        with self.lock:
+            self.report.errors.append(RestoreProblem(location, message))
+
+    def warn(self, location: str, messages: list[str]) -> None:
+        if messages:
+            with self.lock:
+                self.report.warnings.extend(RestoreProblem(location, m) for m in messages)
+
+    def os_error(self, location: str, action: str, exc: OSError) -> None:
+        """A per-item error, or a fatal one when the target as a whole is unusable."""
+        if exc.errno in _FATAL_ERRNOS:
+            raise _Fatal(_fatal_message(exc))
+        self.error(location, f"cannot {action}: {exc.strerror or exc}")
+
+    def skip_existing(self, location: str, what: str = "already exists") -> None:
+        with self.lock:
+            self.report.skipped += 1
+            hint = "; not overwritten (use --overwrite to replace it)" if not self.overwrite else ""
+            self.report.errors.append(RestoreProblem(location, what + hint))
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self.report, what, getattr(self.report, what) + n)
+
+    # -- walk -------------------------------------------------------------------------------------
+
+    def walk(self, root_path: bytes, nodes: list[Node]) -> None:
+        stack = [_Frame(root_path, "", None, nodes, None, True, True)]
+        while stack:
+            frame = stack[-1]
+            if frame.index >= len(frame.nodes):
+                stack.pop()
+                if (
+                    frame.node is not None
+                    and frame.ready
+                    and (frame.selected or frame.restored_child)
+                ):
+                    self.dirs_done.append((frame.path, frame.location, frame.node))
+                    if frame.parent is not None:
+                        frame.parent.restored_child = True
+                continue
+            node = frame.nodes[frame.index]
+            frame.index += 1
+            if frame.ready is False:
+                continue
+            location = f"{frame.location}/{node.name}"
+            if not _valid_name(node.name):
+                self.error(location, "invalid name in the snapshot; skipped")
+                continue
+            path = os.path.join(frame.path, fs_bytes(node.name))
+            is_dir = node.type == "dir"
+            selected, enter = self.selector.select(location, is_dir)
+            if is_dir:
+                self.visit_dir(frame, stack, node, path, location, selected, enter)
+            elif selected and self.ensure_ready(frame):
+                self.restore_leaf(node, path, location)
+                frame.restored_child = True
+
+    def visit_dir(
+        self,
+        frame: _Frame,
+        stack: list[_Frame],
+        node: Node,
+        path: bytes,
+        location: str,
+        selected: bool,
+        enter: bool,
+    ) -> None:
+        if node.subtree is None:
+            self.error(location, "folder without a subtree in the snapshot; skipped")
+            return
+        ready: bool | None = None
+        if selected:
+            if not self.ensure_ready(frame):
+                return
+            ready = self.make_dir(path, location)
+            if not ready:
+                return
+        if not enter:
+            if ready:
+                self.dirs_done.append((path, location, node))
+                frame.restored_child = True
+            return
+        try:
+            children = self.repo.load_tree(node.subtree)
+        except VaultError as exc:
+            self.error(location, f"cannot read the folder's tree: {exc}")
+            children = []
+        stack.append(_Frame(path, location, node, children, frame, selected, ready))
+
+    def ensure_ready(self, frame: _Frame) -> bool:
+        """Create a folder that was only entered (not itself selected) once something inside is restored."""
+        if frame.ready is None:
+            assert frame.parent is not None
+            frame.ready = self.ensure_ready(frame.parent) and self.make_dir(
+                frame.path, frame.location
+            )
+        return bool(frame.ready)
+
+    def make_dir(self, path: bytes, location: str) -> bool:
+        if self.dry_run:
+            return self.check_free(path, location, want_dir=True)
+        try:
+            # 0o700 while restoring: the real mode is set after the content, bottom-up.
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                self.os_error(location, "inspect the existing entry", exc)
+                return False
+            if stat.S_ISDIR(st.st_mode):
+                return True  # merge into an existing folder, as restic does
+            if not self.overwrite:
+                self.skip_existing(location, "a non-folder is in the way of this folder")
+                return False
+            try:
+                os.unlink(path)
+                os.mkdir(path, 0o700)
+            except OSError as exc:
+                self.os_error(location, "replace the existing entry with a folder", exc)
+                return False
+        except OSError as exc:
+            self.os_error(location, "create the folder", exc)
+            return False
+        return True
+
+    def check_free(self, path: bytes, location: str, *, want_dir: bool = False) -> bool:
+        """Dry run: would the entry be created (or merged, for folders)?"""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return True
+        if want_dir and stat.S_ISDIR(st.st_mode):
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            self.skip_existing(location, "a folder is in the way; not replaced")
+            return False
+        if not self.overwrite:
+            self.skip_existing(location)
+            return False
+        return True
+
+    def create(self, path: bytes, location: str, make: Callable[[], object]) -> object:
+        """Run ``make`` (which creates ``path``) and return its result, or None when the entry could not
+        be created; an existing entry is replaced or reported per ``overwrite``. Thread-safe."""
+        try:
+            return make()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            self.os_error(location, "create it", exc)
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            self.os_error(location, "inspect the existing entry", exc)
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            self.skip_existing(location, "a folder is in the way; not replaced")
+            return None
+        if not self.overwrite:
+            self.skip_existing(location)
+            return None
+        try:
+            # Unlink rather than truncate: the old file may be a hardlink of something outside the restore.
+            os.unlink(path)
+            return make()
+        except OSError as exc:
+            self.os_error(location, "replace the existing entry", exc)
+            return None
+
+    def create_entry(self, path: bytes, location: str, make: Callable[[], None]) -> bool:
+        if self.dry_run:
+            return self.check_free(path, location)
+        return self.create(path, location, lambda: make() or True) is not None
+
+    def create_file(self, path: bytes, location: str) -> int | None:
+        """Create an empty regular file (mode 0o600 until its metadata is applied); its fd or None."""
+        fd = self.create(path, location, lambda: os.open(path, _CREATE_FLAGS, 0o600))
+        return fd if isinstance(fd, int) else None
+
+    def restore_leaf(self, node: Node, path: bytes, location: str) -> None:
+        kind = node.type
+        if kind == "file":
+            self.restore_file(node, path, location)
+            return
+        if kind == "socket":
+            return  # restic skips sockets: a socket file is useless without its process
+        if kind == "symlink":
+            target = fs_bytes(node.linktarget)
+            if self.create_entry(path, location, lambda: os.symlink(target, path)):
+                self.count("symlinks")
+                self.finish(path, location, node)
+            return
+        if kind == "fifo":
+            if self.create_entry(path, location, lambda: os.mkfifo(path, 0o600)):
+                self.count("special")
+                self.finish(path, location, node)
+            return
+        if kind in ("dev", "chardev"):
+            if not self.owners:
+                self.warn(location, ["device not restored: creating devices needs root"])
+                return
+            fmt = stat.S_IFCHR if kind == "chardev" else stat.S_IFBLK
+            if self.create_entry(path, location, lambda: os.mknod(path, fmt | 0o600, node.device)):
+                self.count("special")
+                self.finish(path, location, node)
+            return
+        self.error(location, f"cannot restore a node of type {kind!r}; skipped")
+
+    def restore_file(self, node: Node, path: bytes, location: str) -> None:
+        linked = node.links > 1 and node.inode != 0
+        key = (node.inode, node.device_id)
+        first = self.links.get(key) if linked else None
+        if first is not None:
+            if self.create_entry(path, location, lambda: os.link(first, path)):
+                self.count("hardlinks")
+                self.count("files")
+            return
+        chunks: list[tuple[BlobLocation, int]] = []
+        offset = 0
+        for blob_id in node.content or []:
+            loc = self.repo.index.lookup(blob_id, DATA)
+            if loc is None:
+                self.error(
+                    location,
+                    f"content lost: data blob {blob_id.hex()} is not in the index "
+                    "(`vault rebuild-indexes` helps if its pack still exists)",
+                )
+                break
+            chunks.append((loc, offset))
+            offset += _plain_size(loc)
+        # A single-chunk file is created by the worker that writes it: one open, no path lookups for the
+        # metadata, and the creation work runs in parallel. Others are created here, so a hardlink can
+        # point at them at once and every chunk writer finds them.
+        by_worker = len(chunks) == 1 and not linked and not self.dry_run
+        if not by_worker:
+            if self.dry_run:
+                if not self.check_free(path, location):
+                    return
+            else:
+                fd = self.create_file(path, location)
+                if fd is None:
+                    return
+                os.close(fd)
+            self.count("files")
+            if linked:
+                self.links[key] = path
+        if self.dry_run:
+            self.total_bytes += offset
+            return
+        file = _File(path, location, node, len(chunks), by_worker)
+        if not chunks:
+            self.finish(path, location, node)
+            return
+        for loc, off in chunks:
+            blobs = self.plan.setdefault(loc.pack_id, {})
+            blob = blobs.get((loc.blob_id, loc.offset))
+            if blob is None:
+                blob = blobs[(loc.blob_id, loc.offset)] = _Blob(loc)
+                self.plan_blobs += 1
+            blob.targets.append((file, off))
+        self.plan_bytes += offset
+        with self.lock:
+            self.total_bytes += offset
+        if self.plan_bytes >= BATCH_BYTES or self.plan_blobs >= BATCH_BLOBS:
+            self.flush()
+
+    def finish(self, target: bytes | int, location: str, node: Node) -> None:
+        if not self.dry_run:
+            self.warn(location, fsmeta.apply_metadata(target, node, owners=self.owners))
+
+    # -- content ----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand the planned blobs to the workers: grouped by pack, close ones merged into one read."""
+        plan, self.plan = self.plan, {}
+        self.plan_bytes = self.plan_blobs = 0
+        if self.progress is not None:
+            with self.lock:
+                self.progress(self.done_bytes, self.total_bytes)
+        for pack_id, blobs in plan.items():
+            ordered = sorted(blobs.values(), key=lambda b: b.loc.offset)
+            group: list[_Blob] = []
+            start = end = 0
+            for blob in ordered:
+                b_start, b_end = blob.loc.offset, blob.loc.offset + blob.loc.length
+                if group and (b_start - end > MERGE_GAP or b_end - start > MAX_RANGE):
+                    self.submit(pack_id, group)
+                    group = []
+                if not group:
+                    start, end = b_start, b_end
+                group.append(blob)
+                end = max(end, b_end)
+            if group:
+                self.submit(pack_id, group)
+
+    def submit(self, pack_id: bytes, blobs: list[_Blob]) -> None:
+        # Few ranges in flight: memory stays bounded, and a slow target slows the walk down too.
+        while len(self.running) >= self.workers + 2:
+            self.reap()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vault-restore")
+        self.running.add(self.pool.submit(self.restore_range, pack_id, blobs))
+
+    def reap(self) -> None:
+        done, self.running = wait(self.running, return_when=FIRST_COMPLETED)
+        for fut in done:
+            fut.result()  # re-raises _Fatal, and bugs
+
+    def drain(self) -> None:
+        while self.running:
+            self.reap()
+
+    def close(self) -> None:
+        """Stop the workers (after an error or an interrupt, pending ranges are dropped)."""
+        if self.running:
+            self.abort.set()
+            for fut in self.running:
+                fut.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def restore_range(self, pack_id: bytes, blobs: list[_Blob]) -> None:
+        if self.abort.is_set():
+            return
+        start = blobs[0].loc.offset
+        end = max(b.loc.offset + b.loc.length for b in blobs)
+        view: memoryview | None = None
+        read_error: VaultError | None = None
+        try:
+            view = memoryview(self.repo.backend.read("data", pack_id.hex(), start, end - start))
+        except VaultError as exc:
+            read_error = exc
+        for blob in blobs:
+            if self.abort.is_set():
+                return
+            loc = blob.loc
+            plain: bytes | None = None
+            problem = read_error
+            if view is not None:
+                try:
+                    plain = self.repo.decode_blob(
+                        loc, view[loc.offset - start : loc.offset - start + loc.length]
+                    )
+                except VaultError as exc:
+                    problem = exc
+            if plain is None:
+                plain, problem = self.other_copy(loc, problem)
+            if plain is None:
+                message = _blob_message(loc, problem)
+                for file, _off in blob.targets:
+                    self.error(file.location, message)
+                    self.write(file, b"", 0)
+                continue
+            for file, off in blob.targets:
+                self.write(file, plain, off)
+
+    def other_copy(
+        self, loc: BlobLocation, problem: VaultError | None
+    ) -> tuple[bytes | None, VaultError | None]:
+        """The same blob from another pack that holds it (after a prune or repair there may be two)."""
+        for other in self.repo.index.lookup_all(loc.blob_id, DATA):
+            if other.pack_id == loc.pack_id and other.offset == loc.offset:
+                continue
+            try:
+                sealed = self.repo.backend.read(
+                    "data", other.pack_id.hex(), other.offset, other.length
+                )
+                return self.repo.decode_blob(other, sealed), None
+            except VaultError as exc:
+                problem = problem or exc
+        return None, problem
+
+    def write(self, file: _File, data: bytes, offset: int) -> None:
+        """Write one chunk (``data`` empty for a lost one); the last chunk's writer applies metadata."""
+        if file.create:
+            fd = self.create_file(file.path, file.location)
+            if fd is None:
+                return
+            self.count("files")
+        else:
+            try:
+                fd = os.open(file.path, _WRITE_FLAGS)
+            except OSError as exc:
+                self.os_error(file.location, "open the file", exc)
+                self.chunk_done(file, 0)
+                return
+        written = 0
+        try:
+            view = memoryview(data)
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], offset + written)
+        except OSError as exc:
+            self.os_error(file.location, "write the file", exc)
+        finally:
+            try:
+                if self.chunk_done(file, written):
+                    self.finish(fd, file.location, file.node)
+            finally:
+                os.close(fd)
+
+    def chunk_done(self, file: _File, nbytes: int) -> bool:
+        """Count a finished chunk; True for the file's last one."""
+        with self.lock:
+            file.pending -= 1
+            self.done_bytes += nbytes
+            self.report.bytes += nbytes
+            if self.progress is not None and nbytes:
+                self.progress(self.done_bytes, self.total_bytes)
+            return file.pending == 0
+
+    def finish_dirs(self) -> None:
+        # dirs_done is in post-order (children before their folder): bottom-up as required.
+        for path, location, node in self.dirs_done:
+            self.report.dirs += 1
+            self.finish(path, location, node)
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def _blob_message(loc: BlobLocation, problem: VaultError | None) -> str:
+    text = str(problem) if problem else "unreadable"
+    ids = f"data blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
+    if loc.blob_id.hex() not in text:
+        text = f"{ids}: {text}"
+    return f"content lost: {text}"
+
+
+def _fatal_message(exc: OSError) -> str:
+    where = os.fsdecode(exc.filename) if exc.filename else "the target"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {where}: {exc.strerror}; free some space and run the restore again"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {where}: the target is on a read-only file system"
+    return f"cannot write {where}: {exc.strerror}"
+
+
+def prepare_target(target: str, dry_run: bool = False) -> None:
+    """Create the target folder (not in a dry run) and check it is a writable folder; VaultError if not."""
+    if dry_run:
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise VaultError(f"restore target {target} exists and is not a folder")
+        return
+    try:
+        os.makedirs(target, exist_ok=True)
+    except FileExistsError:
+        raise VaultError(f"restore target {target} exists and is not a folder") from None
+    except OSError as exc:
+        raise VaultError(f"cannot create restore target {target}: {exc.strerror}") from None
+    if not os.path.isdir(target):
+        raise VaultError(f"restore target {target} exists and is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise VaultError(f"restore target {target} is not writable; choose another --target")
+
+
+def restore(
+    repo: Repository,
+    snapshot_id: str,
+    target: str | os.PathLike[str],
+    *,
+    subpath: str = "",
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+    workers: int = DEFAULT_WORKERS,
+) -> RestoreReport:
+    """Restore snapshot ``snapshot_id`` (a full ID; ``Repository.find_snapshot`` resolves prefixes and
+    ``latest``) into the folder ``target`` (created if missing).
+
+    ``subpath`` picks a folder inside the snapshot whose contents go into ``target`` (a file or other
+    entry is restored as ``target/<name>``). ``include``/``exclude`` are restic patterns (see the module
+    docstring); they cannot be combined. Without ``overwrite`` existing entries are reported as errors and
+    left alone; with it they are replaced (folders are merged, never removed). ``dry_run`` only reports.
+    ``progress(done_bytes, total_bytes)`` is called from worker threads, serialized.
+
+    Loads the index if needed. Raises NotFoundError for a missing ``subpath``, UsageError for bad patterns,
+    VaultError when the target is unusable or the disk is full; per-item problems go into the report.
+    Never prints.
+    """
+    started = time.monotonic()
+    selector = Selector(include, exclude)
+    if not repo.index_loaded:
+        repo.load_index()
+    snap = repo.load_snapshot(snapshot_id)
+    nodes = _root_nodes(repo, snap.tree, subpath)
+    target_s = os.fspath(target)
+    report = RestoreReport(snapshot_id=snapshot_id, target=target_s, dry_run=dry_run)
+    prepare_target(target_s, dry_run)
+    restorer = _Restorer(
+        repo,
+        report,
+        selector,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=progress,
+        workers=workers,
+    )
+    try:
+        restorer.walk(os.fsencode(target_s), nodes)
+        restorer.flush()
+        restorer.drain()
+        restorer.finish_dirs()
+    except _Fatal as exc:
+        raise VaultError(str(exc)) from None
+    finally:
+        restorer.close()
+    if dry_run:
+        report.bytes = restorer.total_bytes
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _root_nodes(repo: Repository, tree_id: bytes, subpath: str) -> list[Node]:
+    """The entries to restore into the target: the snapshot root's, a sub-folder's, or one node."""
+    if not subpath.strip("/"):
+        return repo.load_tree(tree_id)
+    node = repo.find_path(tree_id, subpath)
+    if node is None:
+        return repo.load_tree(tree_id)
+    if node.type == "dir":
+        if node.subtree is None:
+            raise NotFoundError(f"{subpath} is a folder without a subtree in the snapshot")
+        return repo.load_tree(node.subtree)
+    return [node]
+
+
+__all__ = [
+    "DEFAULT_WORKERS",
+    "Pattern",
+    "RestoreProblem",
+    "RestoreReport",
+    "Selector",
+    "display_path",
+    "parse_patterns",
+    "prepare_target",
+    "restore",
+]
