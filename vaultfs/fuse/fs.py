@@ -1,0 +1,620 @@
+"""The pyfuse3 Operations of a vault mount: a read-only file system over the vault's snapshots.
+
+Inodes are allocated lazily: a folder's tree blob is loaded when the folder is first opened or searched,
+and its entries get inode numbers when the kernel first hears of them (``lookup`` or ``readdir``, which
+pyfuse3 serves as readdirplus: every listed entry counts as a lookup). Each inode counts its lookups and
+is dropped when ``forget`` brings the count to zero; inode numbers are never reused, so a stale number can
+never name the wrong object. Files that restic recorded as hardlinks (same ``device_id`` and ``inode``,
+``links`` > 1) get one inode number per snapshot folder, with ``links`` as their link count.
+
+Virtual folders (snapshots/, hosts/, tags/, ids/, see layout.py) are cached by the kernel for one second
+only, and looking into them re-lists the vault's snapshots at most every ``refresh_interval`` seconds,
+so a backup that finishes while the vault is mounted shows up without remounting. Everything inside a
+snapshot never changes, so the kernel may keep its names, attributes and pages for a long time.
+
+Request handlers may raise only FUSEError (anything else would stop pyfuse3's main loop), so every
+handler goes through ``_guarded``: a VaultError becomes EIO with its message logged, any other exception
+is a bug, logged with its traceback, and also becomes EIO.
+
+Thread/task safety: all state lives in the trio thread; repository calls run in worker threads through
+``trio.to_thread.run_sync`` with one CapacityLimiter.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from vaultfs.errors import VaultError
+from vaultfs.format.snapshot import Snapshot
+from vaultfs.format.tree import Node, fs_bytes
+from vaultfs.fuse.catalog import Catalog
+from vaultfs.fuse.layout import Child, Layout, SnapRoot, VDir, build_layout
+from vaultfs.fuse.reader import BlobReader, BlobUnreadable, FileContent, file_content_sync
+from vaultfs.repo.repository import Repository
+
+log = logging.getLogger("vaultfs.fuse")
+
+ROOT = pyfuse3.ROOT_INODE
+#: Seconds the kernel may cache names and attributes inside a snapshot: they never change.
+TREE_TIMEOUT = 3600.0
+#: Seconds for the virtual folders, whose contents change when snapshots are added or removed.
+LIVE_TIMEOUT = 1.0
+BLOCK_SIZE = 128 * 1024
+#: Reads this close to where the previous read of the same open file ended count as sequential.
+SEQUENTIAL_SLACK = 1024 * 1024
+#: Files with more blobs than this get their offset table built in a worker thread.
+INLINE_BLOBS = 64
+
+
+class Inode:
+    """Something the kernel knows by number. ``parent``/``name`` give its path (for messages and ``..``);
+    ``vkey`` is its key among the virtual folders' children, if it is one."""
+
+    __slots__ = ("ino", "lookups", "parent", "name", "vkey")
+
+    def __init__(self, ino: int, parent: int, name: bytes) -> None:
+        self.ino = ino
+        self.lookups = 0
+        self.parent = parent
+        self.name = name
+        self.vkey: tuple | None = None
+
+
+class VirtualDir(Inode):
+    __slots__ = ("path",)
+
+    def __init__(self, ino: int, parent: int, name: bytes, path: tuple[bytes, ...]) -> None:
+        super().__init__(ino, parent, name)
+        self.path = path
+
+
+class VirtualLink(Inode):
+    __slots__ = ("target", "time_ns")
+
+    def __init__(self, ino: int, parent: int, name: bytes, target: bytes, time_ns: int) -> None:
+        super().__init__(ino, parent, name)
+        self.target = target
+        self.time_ns = time_ns
+
+
+class TreeDir(Inode):
+    """A folder inside a snapshot (``node`` set) or a snapshot's root folder (``snap`` set).
+
+    ``links`` maps (device_id, inode) of hardlinked files to their inode number; one dict is shared by
+    all folders of one snapshot folder. ``names``/``nodes`` hold the loaded tree; ``children`` maps the
+    names the kernel has heard of to their inode numbers.
+    """
+
+    __slots__ = ("tree_id", "node", "snap", "links", "nodes", "names", "by_name", "children")
+
+    def __init__(
+        self,
+        ino: int,
+        parent: int,
+        name: bytes,
+        tree_id: bytes | None,
+        links: dict[tuple[int, int], int],
+        node: Node | None = None,
+        snap: Snapshot | None = None,
+    ) -> None:
+        super().__init__(ino, parent, name)
+        self.tree_id = tree_id
+        self.node = node
+        self.snap = snap
+        self.links = links
+        self.nodes: list[Node] | None = None
+        self.names: list[bytes] = []
+        self.by_name: dict[bytes, int] | None = None
+        self.children: dict[bytes, int] = {}
+
+
+class Leaf(Inode):
+    """A file, symlink, device, fifo or socket inside a snapshot."""
+
+    __slots__ = ("node", "links", "hardlink", "content")
+
+    def __init__(
+        self,
+        ino: int,
+        parent: int,
+        name: bytes,
+        node: Node,
+        links: dict[tuple[int, int], int],
+        hardlink: tuple[int, int] | None,
+    ) -> None:
+        super().__init__(ino, parent, name)
+        self.node = node
+        self.links = links
+        self.hardlink = hardlink
+        self.content: FileContent | None = None
+
+
+class _OpenFile:
+    __slots__ = ("leaf", "content", "path", "next_off")
+
+    def __init__(self, leaf: Leaf, content: FileContent, path: str) -> None:
+        self.leaf = leaf
+        self.content = content
+        self.path = path
+        self.next_off = 0
+
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(fn: _F) -> _F:
+    @functools.wraps(fn)
+    async def wrapper(self: VaultOperations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except VaultError as exc:
+            log.error("%s", exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s (a bug; please report it)", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class VaultOperations(pyfuse3.Operations):
+    """Read-only view of a vault. Build it, call ``load_sync()`` (reads index and snapshots), then mount.
+
+    With ``catalog`` the root shows the virtual folders; with ``root_tree`` it shows that one folder of a
+    snapshot instead (``vault mount --snapshot``), and ``root_node`` (or ``root_snap``) gives its
+    attributes.
+    """
+
+    supports_dot_lookup = True
+
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        mountpoint: str,
+        catalog: Catalog | None = None,
+        root_tree: bytes | None = None,
+        root_node: Node | None = None,
+        root_snap: Snapshot | None = None,
+        cache_bytes: int = 64 * 1024 * 1024,
+        threads: int = 4,
+        refresh_interval: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.repo = repo
+        self.mountpoint = mountpoint
+        self.catalog = catalog
+        self.limiter = trio.CapacityLimiter(threads)
+        self.reader = BlobReader(repo, self.limiter, cache_bytes)
+        self.refresh_interval = refresh_interval
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.started_ns = time.time_ns()
+        self.layout = Layout()
+        self._inodes: dict[int, Inode] = {}
+        self._vchildren: dict[tuple, int] = {}
+        self._next_ino = ROOT + 1
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, tuple[Inode, list[Any]]] = {}
+        self._next_fh = 1
+        self._refresh_lock = trio.Lock()
+        self._next_refresh = 0.0
+        self._statfs: tuple[float, int] | None = None
+        self._bad_trees: set[bytes] = set()
+        root: Inode
+        if catalog is not None:
+            root = VirtualDir(ROOT, ROOT, b"", ())
+        else:
+            root = TreeDir(ROOT, ROOT, b"", root_tree, {}, node=root_node, snap=root_snap)
+        root.lookups = 1  # the kernel never forgets the root
+        self._inodes[ROOT] = root
+
+    def load_sync(self) -> None:
+        """Read the index and the snapshot list (blocking; call before mounting)."""
+        if self.catalog is not None:
+            self.catalog.load_sync()
+            self.layout = build_layout(self.catalog.listing(), self.started_ns)
+
+    # -- inode table -----------------------------------------------------------------------------
+
+    def _get(self, ino: int) -> Inode:
+        inode = self._inodes.get(ino)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return inode
+
+    def _add(self, inode: Inode) -> Inode:
+        self._inodes[inode.ino] = inode
+        return inode
+
+    def _new_ino(self) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _drop(self, inode: Inode) -> None:
+        """Forget an inode the kernel no longer knows, and every map entry that points to it."""
+        if inode.ino == ROOT or self._inodes.get(inode.ino) is not inode:
+            return
+        del self._inodes[inode.ino]
+        parent = self._inodes.get(inode.parent)
+        if isinstance(parent, TreeDir) and parent.children.get(inode.name) == inode.ino:
+            del parent.children[inode.name]
+        if (
+            isinstance(inode, Leaf)
+            and inode.hardlink is not None
+            and inode.links.get(inode.hardlink) == inode.ino
+        ):
+            del inode.links[inode.hardlink]
+        if inode.vkey is not None and self._vchildren.get(inode.vkey) == inode.ino:
+            del self._vchildren[inode.vkey]
+
+    def _tree_child(self, parent: TreeDir, index: int) -> Inode:
+        """The inode of entry ``index`` of a loaded folder (allocated on first use)."""
+        assert parent.nodes is not None
+        name = parent.names[index]
+        known = parent.children.get(name)
+        if known is not None:
+            inode = self._inodes.get(known)
+            if inode is not None:
+                return inode
+        node = parent.nodes[index]
+        hardlink = None
+        if node.type != "dir" and node.links > 1 and node.inode:
+            hardlink = (node.device_id, node.inode)
+            shared = parent.links.get(hardlink)
+            if shared is not None and (inode := self._inodes.get(shared)) is not None:
+                parent.children[name] = shared
+                return inode
+        ino = self._new_ino()
+        if node.type == "dir":
+            inode = TreeDir(ino, parent.ino, name, node.subtree, parent.links, node=node)
+        else:
+            inode = Leaf(ino, parent.ino, name, node, parent.links, hardlink)
+            if hardlink is not None:
+                parent.links[hardlink] = ino
+        parent.children[name] = ino
+        return self._add(inode)
+
+    def _virtual_child(self, parent: VirtualDir, name: bytes, child: Child) -> Inode:
+        """The inode of one entry of a virtual folder (allocated on first use)."""
+        key: tuple
+        if isinstance(child, VDir):
+            key = ("dir", child.path)
+        elif isinstance(child, SnapRoot):
+            key = ("snap", parent.path, name, child.snap_id)
+        else:
+            key = ("link", parent.path, name, child.target)
+        known = self._vchildren.get(key)
+        if known is not None:
+            inode = self._inodes.get(known)
+            if inode is not None:
+                return inode
+        ino = self._new_ino()
+        inode: Inode
+        if isinstance(child, VDir):
+            inode = VirtualDir(ino, parent.ino, name, child.path)
+        elif isinstance(child, SnapRoot):
+            snap = self._snapshot(child.snap_id)
+            inode = TreeDir(ino, parent.ino, name, snap.tree, {}, snap=snap)
+        else:
+            snap = self._snapshot(child.snap_id)
+            inode = VirtualLink(ino, parent.ino, name, child.target, snap.time.ns)
+        inode.vkey = key
+        self._vchildren[key] = ino
+        return self._add(inode)
+
+    def _snapshot(self, snap_id: str) -> Snapshot:
+        assert self.catalog is not None
+        snap = self.catalog.snapshots.get(snap_id)
+        if snap is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # forgotten between listing and lookup
+        return snap
+
+    def _path(self, inode: Inode) -> str:
+        """The inode's path below the mount point, for messages."""
+        parts = []
+        while inode.ino != ROOT:
+            parts.append(inode.name)
+            parent = self._inodes.get(inode.parent)
+            if parent is None:
+                parts.append(b"...")
+                break
+            inode = parent
+        rel = b"/".join(reversed(parts))
+        return os.path.join(self.mountpoint, os.fsdecode(rel))
+
+    # -- attributes ------------------------------------------------------------------------------
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.st_blksize = BLOCK_SIZE
+        timeout = TREE_TIMEOUT
+        if isinstance(inode, Leaf):
+            _node_attrs(attr, inode.node)
+            attr.st_nlink = inode.node.links if inode.hardlink is not None else 1
+        elif isinstance(inode, TreeDir):
+            if inode.node is not None:
+                _node_attrs(attr, inode.node)
+            else:
+                snap = inode.snap
+                attr.st_mode = stat.S_IFDIR | 0o555
+                attr.st_uid = snap.uid if snap is not None else self.uid
+                attr.st_gid = snap.gid if snap is not None else self.gid
+                ns = snap.time.ns if snap is not None else self.started_ns
+                attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
+            # restic records no link count for folders; 1 tells find and fts "unknown"
+            attr.st_nlink = 1
+            if inode.vkey is not None:
+                timeout = LIVE_TIMEOUT
+        elif isinstance(inode, VirtualDir):
+            children = self.layout.dirs.get(inode.path, {})
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2 + sum(isinstance(c, VDir | SnapRoot) for c in children.values())
+            attr.st_uid = self.uid
+            attr.st_gid = self.gid
+            ns = self.layout.mtime_ns.get(inode.path, self.started_ns)
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
+            timeout = LIVE_TIMEOUT
+        elif isinstance(inode, VirtualLink):
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_uid = self.uid
+            attr.st_gid = self.gid
+            attr.st_size = len(inode.target)
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = inode.time_ns
+            timeout = LIVE_TIMEOUT
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
+        return attr
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    async def _load_dir(self, inode: TreeDir) -> list[Node]:
+        if inode.nodes is not None:
+            return inode.nodes
+        if inode.tree_id is None:
+            nodes: list[Node] = []
+        else:
+            try:
+                nodes = await trio.to_thread.run_sync(
+                    self.repo.load_tree, inode.tree_id, limiter=self.limiter
+                )
+            except VaultError as exc:
+                if inode.tree_id not in self._bad_trees:
+                    self._bad_trees.add(inode.tree_id)
+                    log.error("%s: cannot list this folder: %s", self._path(inode), exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        if inode.nodes is None:  # another task may have loaded it meanwhile
+            inode.nodes = nodes
+            inode.names = [fs_bytes(node.name) for node in nodes]
+        return inode.nodes
+
+    async def _refresh(self) -> None:
+        """Re-list the vault's snapshots if the last listing is older than ``refresh_interval``."""
+        if self.catalog is None or trio.current_time() < self._next_refresh:
+            return
+        async with self._refresh_lock:
+            if trio.current_time() < self._next_refresh:
+                return
+            try:
+                changed = await trio.to_thread.run_sync(
+                    self.catalog.refresh_sync, limiter=self.limiter
+                )
+            except VaultError as exc:
+                log.warning("cannot re-list the snapshots: %s", exc)
+                changed = False
+            finally:
+                self._next_refresh = trio.current_time() + self.refresh_interval
+            if changed:
+                self.layout = build_layout(self.catalog.listing(), self.started_ns)
+
+    async def _content(self, leaf: Leaf) -> FileContent:
+        if leaf.content is None:
+            blobs = leaf.node.content or []
+            if len(blobs) > INLINE_BLOBS:
+                content = await trio.to_thread.run_sync(
+                    file_content_sync, self.repo.index, blobs, limiter=self.limiter
+                )
+            else:
+                content = file_content_sync(self.repo.index, blobs)
+            leaf.content = content
+        return leaf.content
+
+    # -- request handlers ------------------------------------------------------------------------
+
+    @_guarded
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._get(parent_inode)
+        if name == b".":
+            found: Inode = parent
+        elif name == b"..":
+            found = self._get(parent.parent)
+        elif isinstance(parent, VirtualDir):
+            await self._refresh()
+            child = self.layout.child(parent.path, name)
+            if child is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            found = self._virtual_child(parent, name, child)
+        elif isinstance(parent, TreeDir):
+            await self._load_dir(parent)
+            if parent.by_name is None:
+                parent.by_name = {n: i for i, n in enumerate(parent.names)}
+            index = parent.by_name.get(name)
+            if index is None:
+                # A snapshot never changes, so the kernel may remember that the name is missing.
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = TREE_TIMEOUT
+                return negative
+            found = self._tree_child(parent, index)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        found.lookups += 1
+        return self._attrs(found)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        try:
+            for ino, count in inode_list:
+                inode = self._inodes.get(ino)
+                if inode is None:
+                    continue
+                inode.lookups -= count
+                if inode.lookups <= 0:
+                    self._drop(inode)
+        except Exception:
+            log.exception("internal error in forget (a bug; please report it)")
+
+    @_guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._get(inode))
+
+    @_guarded
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        found = self._get(inode)
+        if isinstance(found, VirtualLink):
+            return found.target
+        if isinstance(found, Leaf) and found.node.type == "symlink":
+            return fs_bytes(found.node.linktarget)
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @_guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        found = self._get(inode)
+        entries: list[Any]
+        if isinstance(found, VirtualDir):
+            await self._refresh()
+            entries = list(self.layout.dirs.get(found.path, {}).items())
+        elif isinstance(found, TreeDir):
+            entries = await self._load_dir(found)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = (found, entries)
+        return fh
+
+    @_guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        folder, entries = self._dirs[fh]
+        # The offset handed back with each entry is its position + 1 in a list fixed at opendir, so
+        # a listing resumes exactly where the kernel's buffer ran full.
+        for i in range(start_id, len(entries)):
+            if isinstance(folder, TreeDir):
+                name = folder.names[i]
+                child = self._tree_child(folder, i)
+            else:
+                assert isinstance(folder, VirtualDir)
+                name, spec = entries[i]
+                try:
+                    child = self._virtual_child(folder, name, spec)
+                except pyfuse3.FUSEError:
+                    continue  # its snapshot was forgotten since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), i + 1):
+                if child.lookups == 0:
+                    self._drop(child)
+                return
+            child.lookups += 1
+
+    @_guarded
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        found = self._get(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not isinstance(found, Leaf):
+            raise pyfuse3.FUSEError(errno.EISDIR if isinstance(found, TreeDir) else errno.EINVAL)
+        content = await self._content(found)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = _OpenFile(found, content, self._path(found))
+        # The inode's content never changes (inode numbers are never reused), so pages the kernel
+        # cached from an earlier open stay valid.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        f = self._files[fh]
+        file_size = f.leaf.node.size
+        if off >= file_size:
+            return b""
+        size = min(size, file_size - off)
+        sequential = abs(off - f.next_off) <= SEQUENTIAL_SLACK
+        f.next_off = off + size
+        try:
+            return await self.reader.read(f.content, off, size, f.path, sequential)
+        except BlobUnreadable:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    @_guarded
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    @_guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        for key, value in _xattrs(self._get(inode)):
+            if fs_bytes(key) == name:
+                return value
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_guarded
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [fs_bytes(key) for key, _ in _xattrs(self._get(inode))]
+
+    @_guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        now = trio.current_time()
+        if self._statfs is None or now - self._statfs[0] > 60:
+            total = await trio.to_thread.run_sync(self._pack_bytes_sync, limiter=self.limiter)
+            self._statfs = (now, total)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = 4096
+        data.f_blocks = (self._statfs[1] + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.repo.index) + len(self._inodes)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    def _pack_bytes_sync(self) -> int:
+        return sum(size for _, size in self.repo.backend.list("data"))
+
+
+def _node_attrs(attr: pyfuse3.EntryAttributes, node: Node) -> None:
+    attr.st_mode = node.unix_mode
+    attr.st_uid = node.uid
+    attr.st_gid = node.gid
+    if node.type == "file":
+        attr.st_size = node.size
+    elif node.type == "symlink":
+        attr.st_size = len(fs_bytes(node.linktarget))
+    elif node.type in ("dev", "chardev"):
+        attr.st_rdev = node.device
+    attr.st_blocks = (attr.st_size + 511) // 512
+    attr.st_atime_ns = node.atime.ns
+    attr.st_mtime_ns = node.mtime.ns
+    attr.st_ctime_ns = node.ctime.ns
+
+
+def _xattrs(inode: Inode) -> list[tuple[str, bytes]]:
+    node = inode.node if isinstance(inode, Leaf | TreeDir) else None
+    return node.extended_attributes if node is not None else []

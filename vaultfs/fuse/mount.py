@@ -1,0 +1,189 @@
+"""Mount a vault read-only with pyfuse3 and trio, and serve it until it is unmounted.
+
+Lifecycle (as s3ql does it): check the mount point, read the index and the snapshot list, then
+``pyfuse3.init`` (the mount appears) -> ``trio.run``: one nursery holding the signal watcher, the
+read-ahead tasks and ``pyfuse3.main()`` -> ``pyfuse3.close()``. ``fusermount3 -u`` ends ``main()`` by
+closing the FUSE session; SIGINT and SIGTERM call ``pyfuse3.terminate()``, after which ``close``
+unmounts. Either way ``mount()`` returns normally. ``close`` runs even when serving fails, so the
+process never leaves a dead mount behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from vaultfs.errors import NotFoundError, UsageError, VaultError
+from vaultfs.fuse.catalog import Catalog
+from vaultfs.fuse.fs import VaultOperations
+from vaultfs.repo.repository import Repository
+
+MIB = 1024 * 1024
+DEFAULT_CACHE_MIB = 64
+
+
+class MountError(VaultError):
+    """The mount point cannot be used, or the kernel refused the mount."""
+
+
+@dataclass
+class MountOptions:
+    """How to mount: see ``vault mount --help`` for each option's meaning.
+
+    ``snapshot`` is ``ID[:PATH]`` (ID may be a unique prefix or ``latest``) to show one folder of one
+    snapshot at the root instead of the snapshot listings; ``hosts``/``tags``/``paths`` filter the
+    snapshots listed (restic's semantics). ``threads`` bounds the worker threads that read and decrypt.
+    """
+
+    allow_other: bool = False
+    cache_bytes: int = DEFAULT_CACHE_MIB * MIB
+    snapshot: str | None = None
+    hosts: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    threads: int = 0
+    refresh_interval: float = 3.0
+
+    def worker_threads(self) -> int:
+        return self.threads or min(16, max(4, 2 * (os.cpu_count() or 2)))
+
+
+def check_mountpoint(path: str) -> str:
+    """The absolute mount point if a vault can be mounted there; MountError (one line) if not."""
+    mnt = os.path.abspath(path)
+    try:
+        st = os.stat(mnt)
+        # statvfs always reaches the file system (stat may be answered from the kernel's cache), so
+        # a FUSE mount whose process died shows here as ENOTCONN.
+        os.statvfs(mnt)
+    except FileNotFoundError:
+        raise MountError(f"mount point {mnt} does not exist; create the folder first") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mnt} is a stale FUSE mount (its process is gone); clear it with "
+                f"`fusermount3 -uz {mnt}` and mount again"
+            ) from None
+        raise MountError(f"cannot use mount point {mnt}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {mnt} is not a folder")
+    if os.path.ismount(mnt):
+        raise MountError(
+            f"{mnt} is busy: something is already mounted there; unmount it "
+            f"(`fusermount3 -u {mnt}`) or choose another folder"
+        )
+    try:
+        entries = os.listdir(mnt)
+    except OSError as exc:
+        raise MountError(f"cannot list mount point {mnt}: {exc.strerror}") from None
+    if entries:
+        raise MountError(f"mount point {mnt} is not empty; mount on an empty folder")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError(
+            "/dev/fuse does not exist: load the fuse kernel module (`modprobe fuse`) or, in a "
+            "container, pass the device in (--device /dev/fuse)"
+        )
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is not readable and writable for this user; check its mode")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is not installed; install fuse3 (apt-get install fuse3)")
+    return mnt
+
+
+def build_operations(repo: Repository, mountpoint: str, options: MountOptions) -> VaultOperations:
+    """The Operations for ``options``, with index and snapshots loaded (blocking)."""
+    common = {
+        "mountpoint": mountpoint,
+        "cache_bytes": options.cache_bytes,
+        "threads": options.worker_threads(),
+        "refresh_interval": options.refresh_interval,
+    }
+    if options.snapshot is None:
+        catalog = Catalog(
+            repo,
+            hosts=options.hosts or None,
+            tags=options.tags or None,
+            paths=options.paths or None,
+        )
+        ops = VaultOperations(repo, catalog=catalog, **common)  # type: ignore[arg-type]
+        ops.load_sync()
+        return ops
+    spec, _, path = options.snapshot.partition(":")
+    repo.load_index()
+    snap_id, snap = repo.find_snapshot(
+        spec or "latest",
+        hosts=options.hosts or None,
+        tags=options.tags or None,
+        paths=options.paths or None,
+    )
+    node = repo.find_path(snap.tree, path) if path.strip("/") else None
+    if node is not None and node.type != "dir":
+        raise UsageError(f"{path} in snapshot {snap_id[:8]} is a {node.type}, not a folder")
+    if node is not None and node.subtree is None:
+        raise NotFoundError(f"folder {path} in snapshot {snap_id[:8]} has no tree recorded")
+    return VaultOperations(
+        repo,
+        root_tree=node.subtree if node is not None else snap.tree,
+        root_node=node,
+        root_snap=snap,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def mount(
+    repo: Repository,
+    mountpoint: str,
+    options: MountOptions | None = None,
+    *,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Mount the vault at ``mountpoint`` and serve it until it is unmounted (blocking).
+
+    ``ready(mountpoint)`` is called once the mount is in place. Returns when ``fusermount3 -u`` (or
+    ``umount``) unmounted it, or after SIGINT/SIGTERM unmounted it. Raises MountError for an unusable
+    mount point, and any VaultError of reading the index or the snapshots.
+    """
+    options = options or MountOptions()
+    mnt = check_mountpoint(mountpoint)
+    ops = build_operations(repo, mnt, options)
+    fuse_options = {"fsname=vaultfs", "subtype=vaultfs", "ro", "default_permissions"}
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mnt, fuse_options)
+    except RuntimeError as exc:
+        raise MountError(
+            f"the kernel refused to mount at {mnt} ({exc}); the lines above from libfuse say why"
+        ) from None
+    try:
+        trio.run(_serve, ops, mnt, ready)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def _serve(
+    ops: VaultOperations, mountpoint: str, ready: Callable[[str], None] | None
+) -> None:
+    async with trio.open_nursery() as nursery:
+        ops.reader.nursery = nursery
+        nursery.start_soon(_unmount_on_signal)
+        if ready is not None:
+            ready(mountpoint)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _unmount_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            # main() returns; close() in mount() then unmounts.
+            pyfuse3.terminate()
+            return
