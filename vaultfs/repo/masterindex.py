@@ -59,30 +59,20 @@ _U32_MAX = 0xFFFFFFFF
 # blob's plaintext is that much shorter than its stored length.
 _SEAL_OVERHEAD = 32
 
+# What follows the id (or the rest of it) in every stored location.
+_LOCATION_FIELDS = [
+    ("type", "u1"),
+    ("pack", "<u4"),
+    ("offset", "<u4"),
+    ("length", "<u4"),
+    ("ulen", "<u4"),
+]
 # One location with its full id: the pending tier's rows and the unit of every batch.
-_ENTRY = np.dtype(
-    [
-        ("id", "V32"),
-        ("type", "u1"),
-        ("pack", "<u4"),
-        ("offset", "<u4"),
-        ("length", "<u4"),
-        ("ulen", "<u4"),
-    ]
-)
+_ENTRY = np.dtype([("id", "V32"), *_LOCATION_FIELDS])
 _ENTRY_SIZE = _ENTRY.itemsize  # 49
 _ENTRY_STRUCT = struct.Struct("<32sB4I")
 # One location in the main tier: the id's first 8 bytes live in the separate key array.
-_ROW = np.dtype(
-    [
-        ("rest", "V24"),
-        ("type", "u1"),
-        ("pack", "<u4"),
-        ("offset", "<u4"),
-        ("length", "<u4"),
-        ("ulen", "<u4"),
-    ]
-)
+_ROW = np.dtype([("rest", "V24"), *_LOCATION_FIELDS])
 _ROW_SIZE = _ROW.itemsize  # 41
 _ROW_STRUCT = struct.Struct("<24sB4I")
 # Byte widths inside a row: (id or rest) + type identify a (blob, type) group; the whole row
@@ -601,8 +591,8 @@ class MasterIndex:
 
     # ----------------------------------------------------------------------------- reading
 
-    def lookup(self, blob_id: bytes, blob_type: int | None = None) -> BlobLocation | None:
-        """One location of the blob (any type when ``blob_type`` is None), or None. Lock-free."""
+    def _first(self, blob_id: bytes, blob_type: int | None) -> tuple[bytes, tuple] | None:
+        """(blob_id as bytes, one matching row) or None; rows of both tiers share fields 1 to 5."""
         if len(blob_id) != _ID_SIZE:
             return None
         if blob_id.__class__ is not bytes:
@@ -614,6 +604,14 @@ class MasterIndex:
             row = st.pending_find(key, blob_id, blob_type)
             if row is None:
                 return None
+        return blob_id, row
+
+    def lookup(self, blob_id: bytes, blob_type: int | None = None) -> BlobLocation | None:
+        """One location of the blob (any type when ``blob_type`` is None), or None. Lock-free."""
+        found = self._first(blob_id, blob_type)
+        if found is None:
+            return None
+        blob_id, row = found
         return _location(blob_id, row[1], self._pack_list[row[2]], row[3], row[4], row[5])
 
     def lookup_all(self, blob_id: bytes, blob_type: int | None = None) -> list[BlobLocation]:
@@ -623,8 +621,7 @@ class MasterIndex:
         """
         if len(blob_id) != _ID_SIZE:
             return []
-        if blob_id.__class__ is not bytes:
-            blob_id = bytes(blob_id)
+        blob_id = bytes(blob_id)
         st = self._state
         key = _key_of(blob_id)[0]
         rows: list[tuple] = []
@@ -635,16 +632,7 @@ class MasterIndex:
 
     def has(self, blob_id: bytes, blob_type: int | None = None) -> bool:
         """True if the index knows the blob (of that type, or of any type). Lock-free."""
-        if len(blob_id) != _ID_SIZE:
-            return False
-        if blob_id.__class__ is not bytes:
-            blob_id = bytes(blob_id)
-        st = self._state
-        key = _key_of(blob_id)[0]
-        return (
-            st.main.find(key, blob_id[_KEY_SIZE:], blob_type) is not None
-            or st.pending_find(key, blob_id, blob_type) is not None
-        )
+        return self._first(blob_id, blob_type) is not None
 
     def __contains__(self, blob_id: object) -> bool:
         """``blob_id in index``: the blob is known with any type."""
