@@ -15,7 +15,8 @@ from vaultfs import __version__
 from vaultfs.errors import EXIT_INTERRUPTED, EXIT_USAGE, VaultError
 from vaultfs.tools.common import Output, add_global_options
 
-# One module per command: vaultfs.tools.cmd_<name>. Order is the order of `vault --help`.
+# One module per command: vaultfs.tools.cmd_<name> ("-" becomes "_"). Order is the order of `vault --help`.
+# A name whose module does not exist yet is skipped.
 COMMANDS = [
     "init",
     "backup",
@@ -24,8 +25,19 @@ COMMANDS = [
     "restore",
     "mount",
     "cat",
+    "verify",
+    "deep-verify",
+    "rebuild-indexes",
+    "repair",
+    "forget",
+    "prune",
+    "split",
+    "merge",
+    "migrate",
     "key",
     "unlock",
+    "serve",
+    "server",
     "version",
 ]
 
@@ -54,10 +66,11 @@ class _Parser(argparse.ArgumentParser):
 def command_modules() -> list:
     mods = []
     for name in COMMANDS:
+        module = f"vaultfs.tools.cmd_{name.replace('-', '_')}"
         try:
-            mods.append(importlib.import_module(f"vaultfs.tools.cmd_{name}"))
+            mods.append(importlib.import_module(module))
         except ModuleNotFoundError as exc:
-            if exc.name != f"vaultfs.tools.cmd_{name}":
+            if exc.name != module:
                 raise
     return mods
 
