@@ -13,7 +13,7 @@ from vaultfs.errors import VaultError
 from vaultfs.format import pack, unpacked
 from vaultfs.format.config import Config
 from vaultfs.format.gojson import GoTime, go_quote, go_unquote, json_string
-from vaultfs.format.index import IndexFile
+from vaultfs.format.index import IndexFile, decode_columns
 from vaultfs.format.keyfile import KeyFile
 from vaultfs.format.lock import Lock
 from vaultfs.format.snapshot import Snapshot
@@ -199,6 +199,7 @@ def test_unpacked_roundtrip(body, version):
 DECODERS = [
     Config.decode,
     IndexFile.decode,
+    decode_columns,
     Snapshot.decode,
     decode_tree,
     Lock.decode,
@@ -247,3 +248,27 @@ def test_flipped_or_truncated_input_raises_only_vault_errors(decode, valid, data
         decode(bytes(raw))
     except VaultError:
         pass
+
+
+@given(st.dictionaries(ids, st.lists(packed, max_size=5), max_size=5))
+def test_index_columns_agree_with_objects(packs):
+    raw = IndexFile({pid: _with_offsets(e) for pid, e in packs.items()}).encode()
+    cols = decode_columns(raw)
+    flat = [
+        (pid, b.id, b.blob_type, b.offset, b.length, b.uncompressed_length)
+        for pid, blobs in IndexFile.decode(raw).packs.items()
+        for b in blobs
+    ]
+    got = [
+        (
+            cols.pack_ids[cols.pack_of_blob[i]],
+            cols.blob_ids[32 * i : 32 * i + 32],
+            cols.blob_types[i],
+            cols.offsets[i],
+            cols.lengths[i],
+            cols.uncompressed_lengths[i],
+        )
+        for i in range(len(cols.offsets))
+    ]
+    assert got == flat
+    assert cols.pack_ids == list(packs)

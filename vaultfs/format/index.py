@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vaultfs.errors import FormatError
 from vaultfs.format.pack import TYPE_BY_NAME, TYPE_NAMES, PackedBlob
@@ -80,3 +81,46 @@ class IndexFile:
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FormatError(f"{what} has an invalid structure ({exc})") from None
         return index
+
+
+class IndexColumns(NamedTuple):
+    """An index file as columns, the shape MasterIndex.add_arrays takes (no object per blob)."""
+
+    pack_ids: list[bytes]
+    pack_of_blob: list[int]
+    blob_ids: bytes
+    blob_types: list[int]
+    offsets: list[int]
+    lengths: list[int]
+    uncompressed_lengths: list[int]
+
+
+def decode_columns(raw: bytes, what: str = "index file") -> IndexColumns:
+    """Decode an index file straight into columns; same validation as IndexFile.decode."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"{what} is not valid JSON ({exc})") from None
+    cols = IndexColumns([], [], b"", [], [], [], [])
+    ids: list[str] = []
+    try:
+        pack_docs = doc if isinstance(doc, list) else (doc.get("packs") or [])
+        for number, p in enumerate(pack_docs):
+            pack_id = bytes.fromhex(p["id"])
+            if len(pack_id) != 32:
+                raise ValueError("pack ID of wrong length")
+            cols.pack_ids.append(pack_id)
+            blobs = p.get("blobs") or []
+            cols.pack_of_blob.extend([number] * len(blobs))
+            for b in blobs:
+                ids.append(b["id"])
+                cols.blob_types.append(TYPE_BY_NAME[b["type"]])
+                cols.offsets.append(int(b["offset"]))
+                cols.lengths.append(int(b["length"]))
+                cols.uncompressed_lengths.append(int(b.get("uncompressed_length") or 0))
+        blob_ids = bytes.fromhex("".join(ids))
+        if len(blob_ids) != 32 * len(ids):
+            raise ValueError("blob ID of wrong length")
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{what} has an invalid structure ({exc})") from None
+    return cols._replace(blob_ids=blob_ids)

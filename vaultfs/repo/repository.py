@@ -35,7 +35,7 @@ from vaultfs.errors import (
 )
 from vaultfs.format import unpacked
 from vaultfs.format.config import Config
-from vaultfs.format.index import IndexFile
+from vaultfs.format.index import IndexColumns, IndexFile, decode_columns
 from vaultfs.format.keyfile import KeyFile
 from vaultfs.format.pack import DATA, TREE, TYPE_NAMES, PackedBlob
 from vaultfs.format.snapshot import Snapshot
@@ -274,9 +274,9 @@ class Repository:
         """Read every index file into the master index (in parallel). Returns it."""
         names = [n for n, _ in self.backend.list("index")]
 
-        def load(name: str) -> IndexFile | VaultError:
+        def load(name: str) -> IndexColumns | VaultError:
             try:
-                return IndexFile.decode(self.load_unpacked("index", name), f"index/{name}")
+                return decode_columns(self.load_unpacked("index", name), f"index/{name}")
             except VaultError as exc:
                 return exc
 
@@ -288,14 +288,7 @@ class Repository:
                         raise result
                     on_error(result)
                     continue
-                for pack_id, blobs in result.packs.items():
-                    index.add_pack(
-                        pack_id,
-                        [
-                            (b.id, b.blob_type, b.offset, b.length, b.uncompressed_length)
-                            for b in blobs
-                        ],
-                    )
+                index.add_arrays(*result)
         self.index = index
         self.index_loaded = True
         return index
