@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,7 @@ def test_bad_patterns_are_usage_errors():
     assert sel.select("/b*", False) == (True, False)
     assert sel.select("/bz", False) == (False, False)
     assert sel.select("/xa1", False)[0] and not sel.select("/x11", False)[0]
+    assert Selector(include=["a]"]).select("/d/a]", False)[0]  # ']' alone is literal
 
 
 def test_existing_files_are_skipped_unless_overwrite(sample, tmp_path):
@@ -400,6 +402,32 @@ def test_target_that_cannot_be_created_is_one_vault_error(sample, tmp_path):
         restore(b.repo, snap_id, tmp_path / "plainfile" / "sub")
     with pytest.raises(VaultError, match="not a folder"):
         restore(b.repo, snap_id, tmp_path / "plainfile")
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount rights; skipped where the sandbox forbids mounting)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_one_vault_error(tmp_path, tiny_fs):
+    b = VaultBuilder(tmp_path / "vault")
+    snap_id = b.snapshot([b.file(f"f{i}", [os.urandom(100_000)]) for i in range(5)])
+    with pytest.raises(VaultError, match="free some space") as info:
+        restore(b.repo, snap_id, tiny_fs / "out")
+    assert "\n" not in str(info.value)
+    res = vault(
+        "-r", b.repo.backend.root, "-q", "restore", snap_id, "-t", tiny_fs / "cli", expect=1
+    )
+    assert "No space left on device" in one_line_error(res)
 
 
 def test_invalid_names_in_a_snapshot_are_refused(tmp_path):

@@ -58,7 +58,7 @@ MERGE_GAP = 256 * 1024
 #: Largest range read of several blobs (a single larger blob is still read in one piece).
 MAX_RANGE = 8 * 1024 * 1024
 #: Worker threads for reading, decoding and writing.
-DEFAULT_WORKERS = 6
+DEFAULT_WORKERS = 4
 #: The walk hands its planned blobs to the workers whenever this much content (or this many blobs) is
 #: planned: big enough to merge neighbouring blobs into one read, small enough to start writing early.
 BATCH_BYTES = 64 * 1024 * 1024
@@ -206,9 +206,7 @@ def _glob_regex(part: str) -> re.Pattern[str]:
                 out.append(f"[^{body}]" if body else ".")
             else:
                 out.append(f"[{body}]" if body else "(?!)")
-        elif c == "]":
-            raise bad()
-        else:
+        else:  # a ']' outside a class is an ordinary character in Go
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out), re.DOTALL)
@@ -408,7 +406,7 @@ class _Restorer:
     def os_error(self, location: str, action: str, exc: OSError) -> None:
         """A per-item error, or a fatal one when the target as a whole is unusable."""
         if exc.errno in _FATAL_ERRNOS:
-            raise _Fatal(_fatal_message(exc))
+            raise _Fatal(_fatal_message(exc, location))
         self.error(location, f"cannot {action}: {exc.strerror or exc}")
 
     def skip_existing(self, location: str, what: str = "already exists") -> None:
@@ -830,8 +828,11 @@ def _blob_message(loc: BlobLocation, problem: VaultError | None) -> str:
     return f"content lost: {text}"
 
 
-def _fatal_message(exc: OSError) -> str:
-    where = os.fsdecode(exc.filename) if exc.filename else "the target"
+def _fatal_message(exc: OSError, location: str) -> str:
+    if exc.filename:
+        where = display_path(os.fsdecode(exc.filename))
+    else:
+        where = f"{display_path(location)} (in the restore target)"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"cannot write {where}: {exc.strerror}; free some space and run the restore again"
     if exc.errno == errno.EROFS:
