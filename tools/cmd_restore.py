@@ -19,6 +19,10 @@ root, other patterns match anywhere; *, ?, [a-z], [^a-z] and ** (any number of f
 a pattern starting with "!" un-matches what the patterns before it matched. --include restores matching
 items and the folders leading to them; --exclude restores everything else. They cannot be combined.
 
+With --json, one summary document is printed: files_restored, dirs_restored, symlinks_restored,
+special_restored, hardlinks_restored, bytes_restored, skipped, errors and warnings (each a list of
+{"path", "message"}, paths inside the restored tree), dry_run and seconds.
+
 Exit status is 0 when everything was restored, 1 when anything was skipped or could not be restored.
 """
 
