@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from vaultfs.backend.base import KINDS, Backend
 from vaultfs.backend.local import LocalBackend
+from vaultfs.backend.rest import RestBackend
 from vaultfs.backend.retry import RetryBackend
 from vaultfs.errors import UsageError
 
-__all__ = ["KINDS", "Backend", "LocalBackend", "RetryBackend", "open_backend"]
+__all__ = ["KINDS", "Backend", "LocalBackend", "RestBackend", "RetryBackend", "open_backend"]
 
 
 def open_backend(location: str) -> Backend:
-    """Backend for a restic-style location: a plain path or ``local:PATH`` (others arrive with their issues)."""
+    """Backend for a restic-style location: a plain path, ``local:PATH`` or
+    ``rest:http(s)://user:pass@host:port/path/`` (others arrive with their issues)."""
     if not location:
         raise UsageError("no vault location given: use -r/--repo or set VAULT_REPOSITORY")
     if location.startswith("local:"):
         return RetryBackend(LocalBackend(location[len("local:") :]))
-    for scheme in ("rest:", "sftp:", "s3:", "rclone:", "b2:", "azure:", "gs:", "swift:"):
+    if location.startswith("rest:"):
+        return RetryBackend(RestBackend(location))
+    for scheme in ("sftp:", "s3:", "rclone:", "b2:", "azure:", "gs:", "swift:"):
         if location.startswith(scheme):
             raise UsageError(f"backend {scheme[:-1]!r} is not supported yet; use a local folder")
     return RetryBackend(LocalBackend(location))

@@ -1,0 +1,169 @@
+"""REST backend: location parsing, and real round trips against `rclone serve restic` with vault and restic.
+
+The vaultfs bucket server is exercised by tests/server/ and by the conformance suite in test_local.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.ci import unavailable
+from tests.helpers.restic import Restic
+from tests.helpers.trees import assert_same_tree
+from tests.tools.cli import vault
+from vaultfs.backend import open_backend
+from vaultfs.backend.rest import RestBackend, parse_rest_location, redact
+from vaultfs.errors import BackendError, ObjectNotFound, UsageError
+
+
+class Rclone:
+    """`rclone serve restic` on 127.0.0.1 and a free port, serving ``root``."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        binary = shutil.which("rclone")
+        if binary is None:
+            unavailable("rclone is not installed (apt-get install rclone)")
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.proc = subprocess.Popen(
+            [binary, "serve", "restic", "--addr", "127.0.0.1:0", *extra, str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RCLONE_CONFIG": "/dev/null"},
+        )
+        deadline = time.monotonic() + 30
+        self.url = ""
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            if found:
+                self.url = found.group(0)
+                break
+        if not self.url:
+            self.stop()
+            raise AssertionError("rclone serve restic did not report its address")
+
+    def location(self, path: str, creds: str = "") -> str:
+        return "rest:" + self.url.replace("http://", f"http://{creds}") + path.lstrip("/")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def rclone(tmp_path):
+    server = Rclone(tmp_path / "rclone")
+    yield server
+    server.stop()
+
+
+def test_location_parsing():
+    assert parse_rest_location("rest:http://u:p%40ss@host:8000/b/") == (
+        "http://host:8000/b/",
+        "u",
+        "p@ss",
+    )
+    assert parse_rest_location("rest:https://host") == ("https://host/", None, None)
+    assert parse_rest_location("rest:http://[::1]:80/a/b") == ("http://[::1]:80/a/b/", None, None)
+    assert redact("rest:http://u:secret@h:1/b/") == "rest:http://u:***@h:1/b/"
+    assert "secret" not in str(open_backend("rest:http://u:secret@127.0.0.1:1/b/"))
+    for bad in ("rest:ftp://h/", "rest:http:///x", "rest:http://h/?a=1"):
+        with pytest.raises(UsageError):
+            parse_rest_location(bad)
+
+
+def test_credentials_and_ca_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VAULT_REST_USERNAME", "bucket")
+    monkeypatch.setenv("VAULT_REST_PASSWORD", "psk")
+    be = RestBackend("rest:http://127.0.0.1:1/bucket/")
+    assert be._client.auth is not None
+    be.close()
+    monkeypatch.setenv("VAULT_CACERT", str(tmp_path / "missing.pem"))
+    with pytest.raises(UsageError, match="CA certificates"):
+        RestBackend("rest:https://127.0.0.1:1/bucket/")
+
+
+def test_unreachable_server_is_a_temporary_error():
+    be = RestBackend("rest:http://127.0.0.1:1/x/", timeout=5)
+    with pytest.raises(BackendError) as info:
+        be.stat("config", "")
+    be.close()
+    assert info.value.temporary
+    assert "reachable" in str(info.value)
+
+
+def test_backend_against_rclone(rclone):
+    be = RestBackend(rclone.location("/v/"))
+    be.create()
+    data = os.urandom(3 * (1 << 20) + 17)  # several upload pieces
+    name = hashlib.sha256(data).hexdigest()
+    for kind in ("data", "index", "packindex"):
+        be.write(kind, name, data)
+        assert list(be.list(kind)) == [(name, len(data))]
+        assert be.stat(kind, name) == len(data)
+        assert be.read(kind, name) == data
+        assert be.read(kind, name, 1 << 20, 5) == data[1 << 20 : (1 << 20) + 5]
+        assert be.read(kind, name, len(data) - 3) == data[-3:]
+        with pytest.raises(BackendError, match="short read"):
+            be.read(kind, name, len(data) - 3, 10)
+        be.remove(kind, name)
+        be.remove(kind, name)
+        assert not be.exists(kind, name)
+    with pytest.raises(ObjectNotFound):
+        be.read("snapshots", "a" * 64)
+    assert list(be.list("config")) == []
+    be.write("config", "", b"cfg")
+    assert list(be.list("config")) == [("", 3)]
+    # The files sit in the restic layout on the server's disk.
+    assert (rclone.root / "v" / "config").read_bytes() == b"cfg"
+    be.close()
+
+
+def test_wrong_credentials_are_a_permanent_error(tmp_path):
+    server = Rclone(tmp_path / "auth", "--user", "alice", "--pass", "right")
+    right = RestBackend(server.location("/v/", "alice:right@"))
+    wrong = RestBackend(server.location("/v/", "alice:wrong@"))
+    try:
+        right.create()
+        with pytest.raises(BackendError, match="401") as info:
+            wrong.stat("config", "")
+        assert not info.value.temporary
+        assert "wrong" not in str(info.value)
+    finally:
+        right.close()
+        wrong.close()
+        server.stop()
+
+
+def test_vault_reads_a_restic_repository_through_rclone(restic_repo_v2, rclone, tmp_path):
+    shutil.copytree(restic_repo_v2.path, rclone.root / "repo")
+    loc = rclone.location("/repo/")
+    target = tmp_path / "restored"
+    vault("-r", loc, "restore", restic_repo_v2.snapshot_id, "--target", target,
+          password=restic_repo_v2.password)  # fmt: skip
+    assert_same_tree(restic_repo_v2.restored, target, owners=True)
+
+
+def test_vault_backup_through_rclone_checks_and_restores_with_restic(tricky_tree, rclone, tmp_path):
+    loc = rclone.location("/mine/")
+    vault("-r", loc, "init")
+    vault("-r", loc, "backup", tricky_tree)
+    restic = Restic(loc, "pw")
+    restic.check("--read-data")
+    restored = restic.restore("latest", tmp_path / "by-restic")
+    assert_same_tree(tricky_tree, Path(f"{restored}{tricky_tree}"), owners=True)

@@ -1,0 +1,339 @@
+"""REST backend: a vault behind a restic REST server (FORMAT.md §10), e.g. ``vault serve`` or rclone.
+
+Location syntax is restic's: ``rest:http(s)://[user:password@]host[:port][/path/]``. User and password may
+also come from VAULT_REST_USERNAME / VAULT_REST_PASSWORD (so a PSK need not appear on a command line), a
+private CA bundle from VAULT_CACERT; HTTP_PROXY/HTTPS_PROXY/NO_PROXY are honoured.
+
+Protocol notes that shape this module:
+
+* Every request but ``create`` asks for protocol v2 (``Accept: application/vnd.x.restic.rest.v2``), so a
+  listing carries sizes; a server that answers with anything but the v2 content type is treated as v1 and
+  every listed object is HEADed for its size.
+* Reads always send ``Range`` and accept 200 (a server that ignores Range) or 206; fewer bytes than asked
+  for is a short read and an error, as in every backend.
+* Uploads send the body as an iterator of 1 MiB pieces with an exact Content-Length: httpx copies a single
+  large ``bytes`` body quadratically, and servers want the length up front (quota checks, no chunking).
+* ``403`` on an upload means the object already exists (servers never overwrite), which for a write-once,
+  content-addressed store is success; we confirm with a HEAD so an append-only refusal is not hidden.
+
+Errors: connection failures, timeouts and 408/429/500/502/503/504 are temporary (the retry wrapper retries
+them); 401, 403, 404, 416, 507 and other answers are permanent. Messages never contain the password.
+
+Thread-safe: one httpx.Client (its connection pool is shared by all threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from vaultfs.backend.base import Backend, check_name
+from vaultfs.errors import BackendError, FormatError, ObjectNotFound, UsageError
+
+if TYPE_CHECKING:
+    import httpx
+
+V2 = "application/vnd.x.restic.rest.v2"
+_PIECE = 1 << 20
+_TEMPORARY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def parse_rest_location(location: str) -> tuple[str, str | None, str | None]:
+    """Split ``rest:URL`` into (base URL ending in "/" without credentials, user, password).
+
+    Raises UsageError for anything that is not an http(s) URL.
+    """
+    url = location[len("rest:") :] if location.startswith("rest:") else location
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(
+            f"bad REST location {redact(location)!r}: use rest:http(s)://[user:pass@]host:port/path/"
+        )
+    if parts.query or parts.fragment:
+        raise UsageError(f"bad REST location {redact(location)!r}: no query or fragment allowed")
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    path = parts.path or "/"
+    if not path.endswith("/"):
+        path += "/"
+    return urlunsplit((parts.scheme, netloc, path, "", "")), user, password
+
+
+def redact(location: str) -> str:
+    """The location with its password replaced by ``***`` (for messages and ``str(backend)``)."""
+    prefix = "rest:" if location.startswith("rest:") else ""
+    url = location[len(prefix) :]
+    parts = urlsplit(url)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return prefix + urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class RestBackend(Backend):
+    """Backend over HTTP(S) against a restic REST server.
+
+    ``connections`` bounds the pool (parallel requests beyond it wait for a free connection); ``cacert``
+    is a PEM file of extra CA certificates to trust (in addition to the system ones).
+    """
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        cacert: str | None = None,
+        connections: int = 16,
+        timeout: float = 120.0,
+    ) -> None:
+        # httpx is imported here, not at module level: it costs ~50 ms that local-only runs need not pay.
+        import httpx
+
+        self._transport_errors = (httpx.TransportError,)
+        self._invalid_url = httpx.InvalidURL
+        base, user, password = parse_rest_location(location)
+        user = user if user is not None else os.environ.get("VAULT_REST_USERNAME") or None
+        if password is None:
+            password = os.environ.get("VAULT_REST_PASSWORD") or None
+        self.base = base
+        self.location = redact(location if location.startswith("rest:") else "rest:" + location)
+        cacert = cacert or os.environ.get("VAULT_CACERT") or None
+        verify: ssl.SSLContext | bool = True
+        if cacert:
+            try:
+                verify = ssl.create_default_context()
+                verify.load_verify_locations(cafile=cacert)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"cannot load CA certificates from {cacert}: {exc}") from None
+        auth = httpx.BasicAuth(user, password or "") if user is not None else None
+        self._client = httpx.Client(
+            auth=auth,
+            verify=verify,
+            trust_env=True,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            headers={"Accept": V2},
+            follow_redirects=False,
+        )
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _url(self, kind: str, name: str) -> str:
+        if kind == "config":
+            return self.base + "config"
+        return f"{self.base}{kind}/{name}"
+
+    @staticmethod
+    def _what(kind: str, name: str) -> str:
+        return "config" if kind == "config" else f"{kind}/{name}"
+
+    def _send(self, method: str, url: str, what: str, **kwargs) -> httpx.Response:  # noqa: ANN003
+        try:
+            return self._client.request(method, url, **kwargs)
+        except self._transport_errors as exc:
+            raise self._transport_error(method, what, exc) from None
+        except self._invalid_url as exc:
+            raise UsageError(f"bad REST location {self.location}: {exc}") from None
+
+    def _transport_error(self, method: str, what: str, exc: Exception) -> BackendError:
+        reason = str(exc) or type(exc).__name__
+        return BackendError(
+            f"{method} {what} at {self.location} failed: {reason}; check that the server is reachable",
+            temporary=True,
+        )
+
+    def _status_error(self, resp: httpx.Response, method: str, what: str) -> BackendError:
+        code = resp.status_code
+        detail = (
+            resp.text.strip().splitlines()[0][:200] if resp.text.strip() else resp.reason_phrase
+        )
+        if code == 401:
+            hint = "; check the user name and password (PSK) in the location"
+        elif code == 507:
+            hint = "; the bucket's quota or the server's disk is full"
+        elif code == 403:
+            hint = "; the server refused (append-only bucket, or the object exists)"
+        else:
+            hint = ""
+        return BackendError(
+            f"{method} {what} at {self.location}: HTTP {code} {detail}{hint}",
+            temporary=code in _TEMPORARY_STATUS,
+        )
+
+    # -- contract ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        # restic sends create without the v2 Accept header; servers do not need it here.
+        resp = self._send(
+            "POST",
+            self.base + "?create=true",
+            "the vault folders",
+            headers={"Accept": "*/*", "Content-Type": "binary/octet-stream"},
+            content=b"",
+        )
+        if resp.status_code != 200:
+            raise self._status_error(resp, "POST", "?create=true")
+
+    def list(self, kind: str) -> Iterator[tuple[str, int]]:
+        check_name(kind, "" if kind == "config" else "0" * 64)
+        if kind == "config":
+            try:
+                yield "", self.stat("config", "")
+            except ObjectNotFound:
+                pass
+            return
+        url = f"{self.base}{kind}/"
+        resp = self._send("GET", url, f"{kind}/")
+        if resp.status_code == 404:
+            return
+        if resp.status_code != 200:
+            raise self._status_error(resp, "GET", f"{kind}/")
+        try:
+            doc = json.loads(resp.content)
+        except ValueError:
+            raise BackendError(f"listing {kind}/ at {self.location}: not JSON") from None
+        if resp.headers.get("content-type", "").split(";")[0].strip() == V2:
+            items = [(str(e["name"]), int(e["size"])) for e in doc if isinstance(e, dict)]
+        else:
+            items = [(str(n), self.stat(kind, str(n))) for n in doc if isinstance(n, str)]
+        for name, size in items:
+            # A foreign server may list odd files (temp files, other tools' debris): skip them.
+            try:
+                check_name(kind, name)
+            except FormatError:
+                continue
+            yield name, size
+
+    def stat(self, kind: str, name: str) -> int:
+        check_name(kind, name)
+        what = self._what(kind, name)
+        resp = self._send("HEAD", self._url(kind, name), what)
+        if resp.status_code == 404:
+            raise ObjectNotFound(f"{what} does not exist at {self.location}")
+        if resp.status_code != 200:
+            raise self._status_error(resp, "HEAD", what)
+        try:
+            return int(resp.headers["content-length"])
+        except (KeyError, ValueError):
+            raise BackendError(f"HEAD {what} at {self.location}: no Content-Length") from None
+
+    def exists(self, kind: str, name: str) -> bool:
+        try:
+            self.stat(kind, name)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def read(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_name(kind, name)
+        what = self._what(kind, name)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            self.stat(kind, name)
+            return b""
+        rng = f"bytes={offset}-" if length is None else f"bytes={offset}-{offset + length - 1}"
+        request = self._client.build_request("GET", self._url(kind, name), headers={"Range": rng})
+        try:
+            resp = self._client.send(request, stream=True)
+            try:
+                if resp.status_code in (200, 206):
+                    body = self._receive(resp, offset, length, what)
+                else:
+                    resp.read()
+            finally:
+                resp.close()
+        except self._transport_errors as exc:
+            raise self._transport_error("GET", what, exc) from None
+        if resp.status_code == 404:
+            raise ObjectNotFound(f"{what} does not exist at {self.location}")
+        if resp.status_code == 416:
+            raise BackendError(
+                f"short read of {what}: wanted {length} bytes at offset {offset}, "
+                "the object is smaller"
+            )
+        if resp.status_code not in (200, 206):
+            raise self._status_error(resp, "GET", what)
+        if length is not None and len(body) != length:
+            raise BackendError(
+                f"short read of {what}: wanted {length} bytes at offset {offset}, got {len(body)}"
+            )
+        return body
+
+    def _receive(self, resp: httpx.Response, offset: int, length: int | None, what: str) -> bytes:
+        """The requested bytes of a 200/206 answer, read in pieces."""
+        skip = 0
+        if resp.status_code == 200:
+            skip = offset  # the server ignored Range and sent the whole object
+        else:
+            start = resp.headers.get("content-range", "").removeprefix("bytes ").split("-")[0]
+            if start != str(offset):
+                raise BackendError(f"GET {what}: server sent a different range ({start})")
+        want = None if length is None else length
+        pieces = []
+        got = 0
+        for piece in resp.iter_raw(_PIECE):
+            if skip:
+                cut = min(skip, len(piece))
+                piece = piece[cut:]
+                skip -= cut
+            if want is not None and got + len(piece) > want:
+                piece = piece[: want - got]
+            if piece:
+                pieces.append(piece)
+                got += len(piece)
+            if want is not None and got >= want:
+                break
+        return b"".join(pieces)
+
+    def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
+        check_name(kind, name)
+        what = self._what(kind, name)
+        view = memoryview(data).cast("B")
+
+        def pieces() -> Iterator[bytes]:
+            for start in range(0, len(view), _PIECE):
+                yield bytes(view[start : start + _PIECE])
+
+        resp = self._send(
+            "POST",
+            self._url(kind, name),
+            what,
+            content=pieces(),
+            headers={
+                "Content-Length": str(len(view)),
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        if resp.status_code == 200:
+            return
+        if resp.status_code == 403 and self.exists(kind, name):
+            return  # written once already (perhaps by our own earlier, retried attempt)
+        raise self._status_error(resp, "POST", what)
+
+    def remove(self, kind: str, name: str) -> None:
+        check_name(kind, name)
+        what = self._what(kind, name)
+        resp = self._send("DELETE", self._url(kind, name), what)
+        if resp.status_code in (200, 204, 404):
+            return
+        raise self._status_error(resp, "DELETE", what)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def quote_credentials(user: str, password: str) -> str:
+    """``user:password`` escaped for the userinfo part of a location URL."""
+    return f"{quote(user, safe='')}:{quote(password, safe='')}"
+
+
+__all__ = ["RestBackend", "V2", "parse_rest_location", "quote_credentials", "redact"]
