@@ -13,8 +13,22 @@ from vaultfs.backend.local import TEMP_MARK
 from vaultfs.errors import BackendError, FormatError, ObjectNotFound, UsageError
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "rest"])
 def backend(request, tmp_path):
+    if request.param == "rest":
+        # A fresh bucket on the session's bucket server (tests/server/harness.py). The server keeps
+        # each bucket as a folder in the vault layout, so the local view of that folder answers the
+        # path-based checks (file modes, temp files) about what the REST writes left on its disk.
+        from tests.server.harness import shared_server
+        from vaultfs.backend.rest import RestBackend
+
+        server = shared_server()
+        creds = server.bucket()
+        rest = RestBackend(creds.location)
+        request.addfinalizer(rest.close)
+        local = LocalBackend(os.path.join(server.config.volume_paths[0], creds.name))
+        rest.path, rest.root, rest.list_temp = local.path, local.root, local.list_temp
+        return rest
     be = LocalBackend(str(tmp_path / "vault"))
     be.create()
     return be

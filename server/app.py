@@ -1,0 +1,342 @@
+"""The storage role: restic's REST protocol v1/v2 (FORMAT.md §10) over buckets, plus /healthz and /metrics.
+
+URLs are ``/<bucket>/`` (create), ``/<bucket>/config``, ``/<bucket>/<kind>/`` (list) and
+``/<bucket>/<kind>/<name>``; ``<kind>`` is one of keys, data, index, snapshots, locks, packindex and
+``<name>`` 64 lower-case hex characters. The path is matched *undecoded* against that grammar, so no
+encoding of ``..`` or ``/`` can reach the file system: anything else is 404 before it touches a disk.
+
+Order of checks for a request: address lists (403), route (404), credentials (401), method (405), then
+the operation. Uploads: refuse an existing name (403), check the quota against Content-Length (507, or 411
+without a length), stream to a temp file while hashing, 400 if the SHA-256 is not the name (config
+excepted), then commit without overwriting. Append-only buckets refuse every DELETE but locks (403).
+
+Errors are plain text without server paths; details go to the server log (``exception_response``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+
+import trio
+
+from vaultfs.server.auth import Authenticator
+from vaultfs.server.config import ServerConfig
+from vaultfs.server.metrics import Metrics, log_access
+from vaultfs.server.protocol import ClientGone, Request, Response
+from vaultfs.server.proxy import AddressFilter, client_address
+from vaultfs.server.quota import Quotas
+from vaultfs.server.state import Bucket, BucketRegistry
+from vaultfs.server.storage import ObjectExists, Storage, StorageError, Upload
+
+log = logging.getLogger("vaultfs.server")
+
+V1 = "application/vnd.x.restic.rest.v1"
+V2 = "application/vnd.x.restic.rest.v2"
+_ROUTE = re.compile(
+    r"/([a-z0-9][a-z0-9_-]{0,62})/"
+    r"(?:(config)|(keys|data|index|snapshots|locks|packindex)/([0-9a-f]{64})?)?\Z"
+)
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+#: Bodies are written to disk in batches of this size: one worker-thread hop per batch, not per piece.
+WRITE_BATCH = 1 << 20
+READ_PIECE = 1 << 20
+
+
+def text(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(
+        status,
+        [("content-type", "text/plain; charset=utf-8"), *(headers or [])],
+        (message + "\n").encode(),
+    )
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """(start, length) for a single ``bytes=`` range; None = send everything; "bad" = 416."""
+    if not header or size == 0:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None:
+        return None  # several ranges or another unit: ignoring Range is always allowed
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            return "bad"
+        start = max(0, size - n)
+        return start, size - start
+    start = int(first)
+    if start >= size:
+        return "bad"
+    end = size - 1 if not last else min(int(last), size - 1)
+    if end < start:
+        return "bad"
+    return start, end - start + 1
+
+
+class BucketServer:
+    """Request handler shared by all connections of one server (lives in its trio thread)."""
+
+    def __init__(self, config: ServerConfig, registry: BucketRegistry, storage: Storage) -> None:
+        self.config = config
+        self.registry = registry
+        self.storage = storage
+        self.limiter = trio.CapacityLimiter(config.io_threads)
+        self.auth = Authenticator(registry, config.auth_cache_seconds)
+        self.quotas = Quotas(storage, self.limiter)
+        self.metrics = Metrics()
+        self.filter = AddressFilter(config.networks("allow"), config.networks("deny"))
+        self.metrics_filter = AddressFilter(config.networks("metrics_allow"), [])
+        self._commit_locks: dict[tuple[str, str, str], trio.Lock] = {}
+
+    async def _thread(self, fn, *args):  # noqa: ANN001, ANN202 - thin wrapper over to_thread
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    # -- entry -----------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except ClientGone:
+            raise
+        except StorageError as exc:
+            return exception_response(request, exc)
+        except Exception as exc:  # a bug: log it, answer 500, keep serving
+            return exception_response(request, exc)
+
+    def record(self, request: Request, status: int, sent: int, seconds: float) -> None:
+        self.metrics.record(request.bucket, request.method, status, request.received, sent)
+        log_access(
+            request.address,
+            request.bucket if request.bucket != "-" else "",
+            request.method,
+            request.target,
+            status,
+            sent,
+            seconds,
+            request.headers.get("user-agent", "-"),
+        )
+
+    async def _route(self, request: Request) -> Response:
+        request.address = client_address(
+            request.peer,
+            request.headers.get("x-forwarded-for"),
+            self.config.trust_x_forwarded_for,
+        )
+        if not self.filter.permits(request.address):
+            return text(403, "forbidden")
+        if request.path == "/healthz":
+            return await self._healthz(request)
+        if request.path == "/metrics":
+            if not self.metrics_filter.permits(request.address):
+                return text(403, "forbidden")
+            return Response(
+                200,
+                [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                self.metrics.render().encode(),
+            )
+        match = _ROUTE.match(request.path)
+        if match is None:
+            return text(404, "not found")
+        name, config, kind, obj = match.groups()
+        bucket = await self.auth.check(name, request.headers.get("authorization"), request.address)
+        if bucket is None:
+            return text(401, "unauthorized", [("www-authenticate", 'Basic realm="vaultfs"')])
+        request.bucket = bucket.name
+        method = request.method
+        if config:
+            kind, obj = "config", ""
+        elif kind is None:
+            return await self._bucket_root(request, bucket)
+        elif obj is None:
+            if method != "GET":
+                return text(405, "method not allowed", [("allow", "GET")])
+            return await self._list(request, bucket, kind)
+        if method in ("GET", "HEAD"):
+            return await self._get(request, bucket, kind, obj)
+        if method == "POST":
+            return await self._upload(request, bucket, kind, obj)
+        if method == "DELETE":
+            return await self._delete(bucket, kind, obj)
+        return text(405, "method not allowed", [("allow", "GET, HEAD, POST, DELETE")])
+
+    # -- operations ------------------------------------------------------------------------------
+
+    async def _healthz(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return text(405, "method not allowed", [("allow", "GET, HEAD")])
+        free = await self._thread(lambda: [self.storage.free_sync(v) for v in self.storage.volumes])
+        if all(f < 0 for f in free):
+            return text(503, "no volume is available")
+        return text(200, "ok")
+
+    async def _bucket_root(self, request: Request, bucket: Bucket) -> Response:
+        if request.method != "POST":
+            return text(405, "method not allowed", [("allow", "POST")])
+        if request.query != "create=true":
+            return text(400, "bad request: only ?create=true is supported")
+        await self._thread(self.storage.create_layout_sync, bucket.name)
+        return text(200, "created")
+
+    async def _list(self, request: Request, bucket: Bucket, kind: str) -> Response:
+        items = await self._thread(self.storage.list_sync, bucket.name, kind)
+        if items is None:
+            return text(404, "not found")
+        if V2 in request.headers.get("accept", ""):
+            doc: list = [{"name": n, "size": s} for n, s in items]
+            ctype = V2
+        else:
+            doc = [n for n, _ in items]
+            ctype = V1
+        return Response(200, [("content-type", ctype)], json.dumps(doc).encode())
+
+    async def _get(self, request: Request, bucket: Bucket, kind: str, name: str) -> Response:
+        head = request.method == "HEAD"
+        found = await self._thread(
+            _open_range_sync,
+            self.storage,
+            bucket.name,
+            kind,
+            name,
+            request.headers.get("range"),
+            head,
+        )
+        if found is None:
+            return text(404, "not found")
+        size, span, data, fd = found
+        headers = [("content-type", "application/octet-stream"), ("accept-ranges", "bytes")]
+        if span == "bad":
+            return text(416, "range not satisfiable", [("content-range", f"bytes */{size}")])
+        if head:
+            return Response(200, headers, b"", length=size)
+        status, start, length = 200, 0, size
+        if span is not None:
+            status, (start, length) = 206, span
+            headers.append(("content-range", f"bytes {start}-{start + length - 1}/{size}"))
+        if fd is None:
+            return Response(status, headers, data)
+        return Response(status, headers, self._stream(fd, start, length), length=length)
+
+    async def _stream(self, fd: int, start: int, length: int) -> AsyncIterator[bytes]:
+        try:
+            offset, end = start, start + length
+            while offset < end:
+                want = min(READ_PIECE, end - offset)
+                piece = await self._thread(Storage.read_sync, fd, offset, want)
+                if len(piece) != want:
+                    # The file shrank under us (it cannot: files are written once); end the
+                    # connection rather than send a body shorter than its Content-Length.
+                    raise ClientGone("object changed while it was sent")
+                offset += want
+                yield piece
+        finally:
+            os.close(fd)
+
+    async def _upload(self, request: Request, bucket: Bucket, kind: str, name: str) -> Response:
+        if await self._thread(self.storage.stat_sync, bucket.name, kind, name) is not None:
+            return text(403, "forbidden: the object exists already")
+        length = request.content_length
+        quota = bucket.quota
+        if quota > 0 and length is None:
+            return text(411, "length required: the bucket has a quota")
+        size = length or 0
+        if not await self.quotas.reserve(bucket.name, size, quota):
+            return text(507, "insufficient storage: the bucket's quota is exhausted")
+        upload: Upload | None = None
+        committed = False
+        self.metrics.uploads += 1
+        try:
+            upload = await self._thread(
+                self.storage.begin_upload_sync, bucket.name, kind, name, size
+            )
+            await self._receive_into(request, upload)
+            if self.config.verify_uploads and kind != "config" and upload.hash.hexdigest() != name:
+                return text(400, "bad request: the SHA-256 of the body is not the object's name")
+            await self._thread(upload.finish_sync)
+            key = (bucket.name, kind, name)
+            lock = self._commit_locks.setdefault(key, trio.Lock())
+            try:
+                async with lock:
+                    await self._thread(self.storage.commit_sync, bucket.name, kind, name, upload)
+            except ObjectExists:
+                return text(403, "forbidden: the object exists already")
+            finally:
+                if not lock.statistics().tasks_waiting and not lock.locked():
+                    self._commit_locks.pop(key, None)
+            committed = True
+            self.quotas.stored(bucket.name, upload.size)
+            return text(200, "ok")
+        finally:
+            self.metrics.uploads -= 1
+            self.quotas.release(bucket.name, size, quota)
+            if upload is not None and not committed:
+                with trio.CancelScope(shield=True):
+                    await self._thread(upload.abort_sync)
+
+    async def _receive_into(self, request: Request, upload: Upload) -> None:
+        batch: list[bytes] = []
+        pending = 0
+        while True:
+            piece = await request.receive()
+            if piece is None:
+                break
+            batch.append(piece)
+            pending += len(piece)
+            if pending >= WRITE_BATCH:
+                await self._thread(upload.write_sync, batch)
+                batch, pending = [], 0
+        if batch:
+            await self._thread(upload.write_sync, batch)
+
+    async def _delete(self, bucket: Bucket, kind: str, name: str) -> Response:
+        if bucket.append_only and kind != "locks":
+            return text(403, "forbidden: the bucket is append-only")
+        freed = await self._thread(self.storage.remove_sync, bucket.name, kind, name)
+        self.quotas.stored(bucket.name, -freed)
+        return text(200, "ok")
+
+
+def _open_range_sync(
+    storage: Storage, bucket: str, kind: str, name: str, range_header: str | None, head: bool
+) -> tuple[int, tuple[int, int] | None | str, bytes, int | None] | None:
+    """Open an object and resolve its Range in one worker-thread hop.
+
+    Returns None when missing, else (size, span, data, fd): small answers come back as ``data`` with the
+    file closed, large ones as an open ``fd`` for streaming (the caller closes it).
+    """
+    found = storage.open_sync(bucket, kind, name)
+    if found is None:
+        return None
+    fd, size = found
+    span = parse_range(range_header, size)
+    if head or span == "bad":
+        os.close(fd)
+        return size, span, b"", None
+    start, length = (0, size) if span is None else span  # type: ignore[misc]
+    if length <= READ_PIECE:
+        try:
+            data = Storage.read_sync(fd, start, length)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise StorageError("object shorter than its size")
+        return size, span, data, None
+    return size, span, b"", fd
+
+
+def exception_response(request: Request, exc: Exception) -> Response:
+    """The one place that turns a failure into an HTTP answer; server paths stay in the log."""
+    if isinstance(exc, StorageError):
+        log.error("%s %s: %s", request.method, request.path, exc)
+        if exc.status == 507:
+            return text(507, "insufficient storage")
+        if exc.status == 503:
+            return text(503, "service unavailable")
+        return text(500, "internal server error")
+    log.error("%s %s failed", request.method, request.path, exc_info=exc)
+    return text(500, "internal server error")

@@ -1,0 +1,164 @@
+"""Run the bucket server: listeners (TLS optional), one task per connection, graceful shutdown.
+
+``serve(config, task_status=...)`` is a trio function: it binds, reports the bound URLs through
+``task_status.started(urls)`` (port 0 in the config becomes the real port), and serves until cancelled or,
+with ``handle_signals``, until SIGTERM/SIGINT. Shutdown closes the listeners, lets requests in flight finish
+for up to ``shutdown_grace`` seconds (idle keep-alive connections close at once), then cancels what is
+left: an upload cut off that way removes its temp file, so it is never half-visible.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import ssl
+
+import trio
+
+from vaultfs.errors import UsageError
+from vaultfs.server.app import BucketServer
+from vaultfs.server.config import ServerConfig
+from vaultfs.server.protocol import HttpConnection, Lifecycle
+from vaultfs.server.state import BucketRegistry
+from vaultfs.server.storage import Storage
+
+log = logging.getLogger("vaultfs.server")
+
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate/key ({cert}, {key}): {exc}") from None
+    return ctx
+
+
+def open_state(config: ServerConfig) -> tuple[BucketRegistry, Storage]:
+    """The bucket registry and the volumes of ``config`` (folders are created if missing)."""
+    storage = Storage(config.volume_paths)
+    try:
+        storage.make_volumes_sync()
+    except Exception as exc:
+        raise UsageError(f"cannot create the server folders: {exc}") from None
+    return BucketRegistry(config.state_dir), storage
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry, self.storage = open_state(config)
+        self.app = BucketServer(config, self.registry, self.storage)
+        self.lifecycle = Lifecycle()
+        self.tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.connections = trio.CapacityLimiter(config.max_connections)
+        self.shutdown = trio.Event()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            token = object()
+            await self.connections.acquire_on_behalf_of(token)
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                self.connections.release_on_behalf_of(token)
+                if exc.errno in _ACCEPT_RETRY:
+                    log.warning("accept failed (%s); retrying", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            except BaseException:
+                self.connections.release_on_behalf_of(token)
+                raise
+            nursery.start_soon(self._connection, stream, token)
+
+    async def _connection(self, stream: trio.SocketStream, token: object) -> None:
+        self.app.metrics.connections += 1
+        try:
+            try:
+                peer = stream.socket.getpeername()[0]
+            except OSError:
+                await stream.aclose()
+                return
+            wrapped: trio.abc.Stream = stream
+            if self.tls is not None:
+                wrapped = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
+                with trio.move_on_after(self.config.read_timeout) as scope:
+                    try:
+                        await wrapped.do_handshake()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await stream.aclose()
+                        return
+                if scope.cancelled_caught:
+                    await stream.aclose()
+                    return
+            conn = HttpConnection(
+                wrapped,
+                peer,
+                self.app.handle,
+                self.app.record,
+                self.lifecycle,
+                read_timeout=self.config.read_timeout,
+                keepalive_timeout=self.config.keepalive_timeout,
+            )
+            await conn.serve()
+        finally:
+            self.app.metrics.connections -= 1
+            self.connections.release_on_behalf_of(token)
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+        handle_signals: bool = False,
+    ) -> None:
+        host, port = self.config.host_port
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {self.config.listen}: {exc.strerror}") from None
+        scheme = "https" if self.tls else "http"
+        urls = []
+        for listener in listeners:
+            addr = listener.socket.getsockname()
+            shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+            urls.append(f"{scheme}://{shown}:{addr[1]}/")
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, connections)
+                    if handle_signals:
+                        acceptors.start_soon(self._signals)
+                    task_status.started(urls)
+                    await self.shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+                log.info("shutting down: %d connections open", self.app.metrics.connections)
+                self.lifecycle.drain()
+                connections.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            self.registry.close()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                self.shutdown.set()
+                return
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = False,
+) -> None:
+    """Serve ``config`` until cancelled (or a signal, with ``handle_signals``); see the module doc."""
+    await Server(config).run(task_status=task_status, handle_signals=handle_signals)

@@ -1,0 +1,90 @@
+"""Counters for ``/metrics`` (Prometheus text format 0.0.4) and the access log.
+
+Counters are labelled by bucket only after the request authenticated, so unauthenticated traffic (which
+chooses its own bucket names) cannot grow the label set: it is counted under ``bucket="-"``. Updated and
+rendered in the server's trio thread only, so no locking.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+access_log = logging.getLogger("vaultfs.server.access")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.received: dict[str, int] = defaultdict(int)
+        self.sent: dict[str, int] = defaultdict(int)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.connections = 0
+        self.uploads = 0
+
+    def record(self, bucket: str, method: str, status: int, received: int, sent: int) -> None:
+        self.requests[(bucket, method, str(status))] += 1
+        self.received[bucket] += received
+        self.sent[bucket] += sent
+        if status >= 400:
+            self.errors[bucket] += 1
+
+    def render(self) -> str:
+        out = [
+            "# HELP vaultfs_requests_total HTTP requests by bucket, method and status.",
+            "# TYPE vaultfs_requests_total counter",
+        ]
+        for (bucket, method, status), n in sorted(self.requests.items()):
+            out.append(
+                f'vaultfs_requests_total{{bucket="{bucket}",method="{method}",status="{status}"}} {n}'
+            )
+        for name, table, text in (
+            ("vaultfs_received_bytes_total", self.received, "Request body bytes received."),
+            ("vaultfs_sent_bytes_total", self.sent, "Response body bytes sent."),
+            ("vaultfs_errors_total", self.errors, "Requests answered with status 400 or above."),
+        ):
+            out += [f"# HELP {name} {text} by bucket.", f"# TYPE {name} counter"]
+            out += [f'{name}{{bucket="{b}"}} {n}' for b, n in sorted(table.items())]
+        out += [
+            "# HELP vaultfs_open_connections Client connections open now.",
+            "# TYPE vaultfs_open_connections gauge",
+            f"vaultfs_open_connections {self.connections}",
+            "# HELP vaultfs_uploads_in_progress Uploads being received now.",
+            "# TYPE vaultfs_uploads_in_progress gauge",
+            f"vaultfs_uploads_in_progress {self.uploads}",
+            "# HELP vaultfs_start_time_seconds When the server started (Unix time).",
+            "# TYPE vaultfs_start_time_seconds gauge",
+            f"vaultfs_start_time_seconds {self.started:.3f}",
+        ]
+        return "\n".join(out) + "\n"
+
+
+def log_access(
+    address: str,
+    user: str,
+    method: str,
+    target: str,
+    status: int,
+    sent: int,
+    seconds: float,
+    agent: str,
+) -> None:
+    """One line per request, close to the combined log format (plus the duration)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+    agent = agent.replace('"', "'")
+    access_log.info(
+        '%s - %s [%s] "%s %s HTTP/1.1" %d %d "-" "%s" %.3f',
+        address,
+        user or "-",
+        when,
+        method,
+        target.replace('"', "%22"),
+        status,
+        sent,
+        agent,
+        seconds,
+    )

@@ -1,0 +1,357 @@
+"""HTTP/1.1 on one trio stream with h11: keep-alive, streamed bodies, 100-continue, timeouts, lingering close.
+
+The application sees a ``Request`` (head plus ``await request.receive()`` for body pieces) and returns a
+``Response`` (bytes, or an async iterator of pieces with a known length). This module owns everything h11
+leaves to its user:
+
+* ``Expect: 100-continue``: the interim 100 is sent when the application first asks for the body, so an
+  upload refused from its head (401, 403, 507) never makes the client send it.
+* Timeouts: ``keepalive_timeout`` for an idle connection, ``read_timeout`` for every wait on a client that
+  is in the middle of a request (head or body) and for every send (a client that stops reading). A request
+  whose body times out raises ``ClientGone`` into the application, which cleans up, and the connection is
+  dropped.
+* A response sent before the request body was read either drains a small body (keep-alive survives) or
+  says ``Connection: close`` and then closes *lingering* (half-close, discard what still arrives for a
+  moment) so the client reads our answer instead of a connection reset.
+* Malformed requests get h11's suggested status (400, 431 for an over-long head) and the connection ends.
+
+Shutdown: ``Lifecycle.draining`` makes every connection close after its current response, and idle
+connections are cancelled at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import h11
+import trio
+
+log = logging.getLogger("vaultfs.server")
+
+MAX_HEAD = 16 * 1024
+RECEIVE_SIZE = 256 * 1024
+DRAIN_LIMIT = 1 << 20
+SERVER = "vaultfs"
+
+
+class ClientGone(Exception):
+    """The client closed the connection, broke the protocol or went silent in the middle of a request."""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | AsyncIterator[bytes] = b""
+    #: Content-Length for an iterator body (and for HEAD answers that describe a body).
+    length: int | None = None
+
+
+class Lifecycle:
+    """Shared by all connections of a server: shutdown state and the idle connections to cancel."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.idle: set[trio.CancelScope] = set()
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in list(self.idle):
+            scope.cancel()
+
+
+class Request:
+    """One request. ``headers`` has lower-case names; repeated headers are joined with ", "."""
+
+    def __init__(self, conn: HttpConnection, event: h11.Request) -> None:
+        self._conn = conn
+        self.method = event.method.decode("ascii", "replace")
+        self.target = event.target.decode("ascii", "replace")
+        self.path, _, self.query = self.target.partition("?")
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("ascii", "replace").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self.headers = headers
+        self.peer = conn.peer
+        self.address = conn.peer  # the application may replace it (proxy headers)
+        self.bucket = "-"  # the authenticated bucket, for logs and metrics
+        self.received = 0
+        self.complete = False
+        try:
+            self.content_length: int | None = int(headers["content-length"])
+        except (KeyError, ValueError):
+            self.content_length = None
+
+    async def receive(self) -> bytes | None:
+        """The next piece of the body, None at its end. Raises ClientGone."""
+        if self.complete:
+            return None
+        piece = await self._conn.next_body_piece()
+        if piece is None:
+            self.complete = True
+        else:
+            self.received += len(piece)
+        return piece
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+Recorder = Callable[[Request, int, int, float], None]
+
+
+class HttpConnection:
+    """Serves requests on one stream until either side closes it."""
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream | trio.abc.Stream,
+        peer: str,
+        handler: Handler,
+        recorder: Recorder,
+        lifecycle: Lifecycle,
+        *,
+        read_timeout: float,
+        keepalive_timeout: float,
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.handler = handler
+        self.recorder = recorder
+        self.lifecycle = lifecycle
+        self.read_timeout = read_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+    # -- I/O -------------------------------------------------------------------------------------
+
+    async def _receive(self, timeout: float) -> bytes:
+        with trio.move_on_after(timeout):
+            try:
+                return await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return b""
+        raise ClientGone("timed out waiting for the client")
+
+    async def _send(self, event: h11._events.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            with trio.move_on_after(self.read_timeout):
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ClientGone(f"send failed: {exc}") from None
+                return
+            raise ClientGone("timed out sending to the client")
+
+    async def next_body_piece(self) -> bytes | None:
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ClientGone(f"bad request body: {exc}") from None
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(await self._receive(self.read_timeout))
+                continue
+            if isinstance(event, h11.Data):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                return None
+            raise ClientGone(f"unexpected {type(event).__name__} in a request body")
+
+    async def _next_request(self) -> h11.Request | None:
+        """The next request head; None when the client closed or we are shutting down."""
+        first = True
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(exc)
+                return None
+            if isinstance(event, h11.Request):
+                return event
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+            if event is not h11.NEED_DATA:
+                return None
+            if first and self.lifecycle.draining:
+                return None
+            if first:
+                # Idle between requests: shutdown may cancel this wait.
+                with trio.CancelScope() as scope:
+                    self.lifecycle.idle.add(scope)
+                    try:
+                        data = await self._receive(self.keepalive_timeout)
+                    except ClientGone:
+                        return None
+                    finally:
+                        self.lifecycle.idle.discard(scope)
+                if scope.cancelled_caught:
+                    return None
+            else:
+                try:
+                    data = await self._receive(self.read_timeout)
+                except ClientGone:
+                    return None
+            first = False
+            self.h11.receive_data(data)
+
+    async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer a malformed request with h11's suggested status, if we still may answer."""
+        status = exc.error_status_hint or 400
+        self.recorder(_Placeholder(self.peer), status, 0, 0.0)
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"{status} bad request\n".encode()
+        try:
+            await self._send(
+                h11.Response(
+                    status_code=status,
+                    reason=_reason(status),
+                    headers=[
+                        ("content-type", "text/plain; charset=utf-8"),
+                        ("content-length", str(len(body))),
+                        ("connection", "close"),
+                        ("server", SERVER),
+                    ],
+                )
+            )
+            await self._send(h11.Data(data=body))
+            await self._send(h11.EndOfMessage())
+        except (ClientGone, h11.LocalProtocolError):
+            pass
+
+    # -- the request loop ------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                event = await self._next_request()
+                if event is None:
+                    return
+                if not await self._exchange(Request(self, event)):
+                    return
+                if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
+                    await self._linger()
+                    return
+                self.h11.start_next_cycle()
+        except ClientGone as exc:
+            log.debug("connection from %s ended: %s", self.peer, exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await self.stream.aclose()
+
+    async def _exchange(self, request: Request) -> bool:
+        """Run the handler and send its response; False when the connection must end at once."""
+        started = time.monotonic()
+        status = 500
+        sent = 0
+        try:
+            try:
+                response = await self.handler(request)
+            except ClientGone:
+                status = 400
+                raise
+            status = response.status
+            await self._settle_body(request, response)
+            sent = await self._respond(request, response)
+            return True
+        finally:
+            self.recorder(request, status, sent, time.monotonic() - started)
+
+    async def _settle_body(self, request: Request, response: Response) -> None:
+        """Before answering: read the rest of a small unread body, else plan to close."""
+        if self.h11.their_state is not h11.SEND_BODY:
+            return
+        waiting = self.h11.they_are_waiting_for_100_continue
+        if request.content_length is not None:
+            left: int | None = request.content_length - request.received
+        elif "transfer-encoding" in request.headers:
+            left = None  # chunked: unknown
+        else:
+            left = 0  # no body framing at all means an empty body
+        if not waiting and left is not None and left <= DRAIN_LIMIT:
+            while await request.receive() is not None:
+                pass
+            return
+        response.headers.append(("connection", "close"))
+
+    async def _respond(self, request: Request, response: Response) -> int:
+        headers = [("server", SERVER), *response.headers]
+        body = response.body
+        if isinstance(body, bytes):
+            length = len(body) if response.length is None else response.length
+        else:
+            length = response.length
+        if length is not None:
+            headers.append(("content-length", str(length)))
+        if self.lifecycle.draining:
+            headers.append(("connection", "close"))
+        await self._send(
+            h11.Response(
+                status_code=response.status, headers=headers, reason=_reason(response.status)
+            )
+        )
+        sent = 0
+        head_only = request.method == "HEAD" or response.status in (204, 304)
+        if isinstance(body, bytes):
+            if body and not head_only:
+                await self._send(h11.Data(data=body))
+                sent = len(body)
+        else:
+            try:
+                async for piece in body:
+                    if not head_only:
+                        await self._send(h11.Data(data=piece))
+                        sent += len(piece)
+            finally:
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()
+        await self._send(h11.EndOfMessage())
+        return sent
+
+    async def _linger(self) -> None:
+        """Half-close and discard what the client still sends, briefly, so it reads our response."""
+        send_eof = getattr(self.stream, "send_eof", None)
+        with trio.move_on_after(min(2.0, self.read_timeout)):
+            try:
+                if send_eof is not None:
+                    await send_eof()
+                discarded = 0
+                while discarded < 64 * DRAIN_LIMIT:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        break
+                    discarded += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+class _Placeholder:
+    """Stands in for a request that never parsed, so the access log and metrics still count it."""
+
+    def __init__(self, peer: str) -> None:
+        self.method = "-"
+        self.target = "-"
+        self.path = "-"
+        self.peer = peer
+        self.address = peer
+        self.bucket = "-"
+        self.received = 0
+        self.headers: dict[str, str] = {}

@@ -1,0 +1,390 @@
+"""Bucket storage on one or more volumes (spanning), in the vault layout, so rsync and `vault verify` work
+on a bucket folder directly.
+
+A bucket is the folder ``<volume>/<bucket>/`` holding ``config``, ``keys/``, ``data/XX/``, ``index/``,
+``snapshots/``, ``locks/`` and ``packindex/``, exactly as a local vault. With several volumes a bucket's
+files may be spread over all of them: reads look in every volume, listings merge them, new files go to the
+volume with the most free space. An administrator may move files between volumes while the server runs as
+long as each move makes the file appear complete under its final name (``mv`` within a file system,
+``rsync --remove-source-files``, which renames a temp file into place): a reader that misses the file in
+one volume looks again, and an open file stays readable after it moved.
+
+Uploads are written to ``<name>-tmp-<random>`` beside their final place (the local backend's temp mark, so
+listings and `vault verify` treat them alike), hashed while written, fsynced, made read-only and linked
+into place only if no volume holds that name yet: the link is the no-overwrite guarantee, a folder fsync
+makes it durable.
+
+Every method that touches the disk ends in ``_sync``: trio code calls them through worker threads.
+Paths are built only from validated kinds and names (see ``object_path``); nothing here trusts a request.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import stat
+from dataclasses import dataclass
+
+from vaultfs.backend.local import TEMP_MARK
+
+OBJECT_KINDS = ("keys", "data", "index", "snapshots", "locks", "packindex")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+class StorageError(Exception):
+    """A disk problem while serving a request; ``status`` is the HTTP answer (507 full, else 500)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ObjectExists(Exception):
+    """The object is already stored (in some volume): objects are written once."""
+
+
+def _oserror(action: str, exc: OSError) -> StorageError:
+    # The message goes to the log only; clients see the status and a generic text.
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"{action}: disk full", 507)
+    return StorageError(f"{action}: {exc}")
+
+
+def object_path(kind: str, name: str) -> str:
+    """Path of an object relative to its bucket folder. ``kind``/``name`` must be validated already."""
+    if kind == "config":
+        return "config"
+    if kind not in OBJECT_KINDS or not _HEX64.match(name):
+        raise ValueError(f"unvalidated object {kind}/{name}")
+    if kind == "data":
+        return os.path.join("data", name[:2], name)
+    return os.path.join(kind, name)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class VolumeUsage:
+    path: str
+    total: int
+    free: int
+    stored: int  # bytes of bucket files in this volume
+    files: int
+    online: bool
+
+
+class Upload:
+    """One upload in progress: a temp file that is hashed while written. Not thread-safe; one owner."""
+
+    def __init__(self, bucket_dir: str, kind: str, name: str) -> None:
+        self.final = os.path.join(bucket_dir, object_path(kind, name))
+        self.folder = os.path.dirname(self.final)
+        self.tmp = f"{self.final}{TEMP_MARK}{secrets.token_hex(8)}"
+        self.size = 0
+        self.hash = hashlib.sha256()
+        try:
+            try:
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                os.makedirs(self.folder, mode=0o700, exist_ok=True)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _oserror("create upload file", exc) from None
+        self.open = True
+
+    def write_sync(self, pieces: list[bytes]) -> None:
+        try:
+            for piece in pieces:
+                self.hash.update(piece)
+                view = memoryview(piece)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                self.size += len(piece)
+        except OSError as exc:
+            raise _oserror("write upload", exc) from None
+
+    def finish_sync(self) -> None:
+        """fsync and close the temp file and make it read-only (before the commit)."""
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.open = False
+            os.chmod(self.tmp, 0o400)
+        except OSError as exc:
+            raise _oserror("finish upload", exc) from None
+
+    def abort_sync(self) -> None:
+        """Remove the temp file; safe to call more than once and after a commit."""
+        if self.open:
+            self.open = False
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # nothing more to do; list_temp/verify report leftovers
+
+
+class Storage:
+    """The volumes of one server. Thread-safe (it holds no mutable state besides the file system)."""
+
+    def __init__(self, volumes: list[str]) -> None:
+        if not volumes:
+            raise ValueError("at least one volume")
+        self.volumes = volumes
+
+    def make_volumes_sync(self) -> None:
+        for volume in self.volumes:
+            try:
+                os.makedirs(volume, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise _oserror("create volume", exc) from None
+
+    def bucket_dirs(self, bucket: str) -> list[str]:
+        return [os.path.join(v, bucket) for v in self.volumes]
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def open_sync(self, bucket: str, kind: str, name: str) -> tuple[int, int] | None:
+        """(fd, size) of the object from the first volume holding it; None when no volume does.
+
+        Two passes: a file moved from a later to an earlier volume between our looks is found the
+        second time. The caller closes the fd.
+        """
+        rel = object_path(kind, name)
+        for _ in range(2):
+            for folder in self.bucket_dirs(bucket):
+                try:
+                    fd = os.open(os.path.join(folder, rel), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                except NotADirectoryError:
+                    continue
+                except OSError as exc:
+                    raise _oserror("open", exc) from None
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    os.close(fd)
+                    raise _oserror("stat", exc) from None
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    continue
+                return fd, st.st_size
+        return None
+
+    def stat_sync(self, bucket: str, kind: str, name: str) -> int | None:
+        found = self.open_sync(bucket, kind, name)
+        if found is None:
+            return None
+        os.close(found[0])
+        return found[1]
+
+    @staticmethod
+    def read_sync(fd: int, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise _oserror("read", exc) from None
+
+    def list_sync(self, bucket: str, kind: str) -> list[tuple[str, int]] | None:
+        """(name, size) of every object of ``kind`` in every volume; None when no volume has the
+        kind's folder (a bucket that was never initialised)."""
+        seen: dict[str, int] = {}
+        any_folder = False
+        for folder in self.bucket_dirs(bucket):
+            top = os.path.join(folder, kind)
+            try:
+                if kind == "data":
+                    subdirs = [e.path for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+                else:
+                    subdirs = [top]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise _oserror("list", exc) from None
+            any_folder = True
+            for sub in subdirs:
+                try:
+                    entries = list(os.scandir(sub))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    raise _oserror("list", exc) from None
+                for entry in entries:
+                    if not _HEX64.match(entry.name) or entry.name in seen:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # moved or removed while we listed
+                    if stat.S_ISREG(st.st_mode):
+                        seen[entry.name] = st.st_size
+        return sorted(seen.items()) if any_folder else None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def create_layout_sync(self, bucket: str) -> None:
+        """The vault folders (data/00..ff included) in the bucket's home volume; idempotent."""
+        home = self.home_sync(bucket)
+        try:
+            for kind in OBJECT_KINDS:
+                os.makedirs(os.path.join(home, kind), mode=0o700, exist_ok=True)
+            for i in range(256):
+                os.makedirs(os.path.join(home, "data", f"{i:02x}"), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise _oserror("create bucket folders", exc) from None
+
+    def home_sync(self, bucket: str) -> str:
+        """The bucket's folder in the first volume that has one, else in the emptiest volume."""
+        for folder in self.bucket_dirs(bucket):
+            if os.path.isdir(folder):
+                return folder
+        return os.path.join(self.pick_volume_sync(0), bucket)
+
+    def free_sync(self, volume: str) -> int:
+        try:
+            st = os.statvfs(volume)
+        except OSError:
+            return -1
+        return st.f_bavail * st.f_frsize
+
+    def pick_volume_sync(self, size: int) -> str:
+        """The volume with the most free space; StorageError(507) if even it lacks ``size`` bytes."""
+        best, best_free = None, -1
+        for volume in self.volumes:
+            free = self.free_sync(volume)
+            if free > best_free:
+                best, best_free = volume, free
+        if best is None or best_free < 0:
+            raise StorageError("no volume is available", 503)
+        if best_free < size:
+            raise StorageError("not enough free space on any volume", 507)
+        return best
+
+    def begin_upload_sync(self, bucket: str, kind: str, name: str, size: int) -> Upload:
+        volume = self.pick_volume_sync(size)
+        return Upload(os.path.join(volume, bucket), kind, name)
+
+    def commit_sync(self, bucket: str, kind: str, name: str, upload: Upload) -> None:
+        """Make a finished upload visible under its name unless some volume has that name already.
+
+        Raises ObjectExists (and removes the temp file) in that case. The caller serialises commits
+        of one server (see app.py), so the check of the other volumes and the link are one step.
+        """
+        rel = object_path(kind, name)
+        try:
+            for folder in self.bucket_dirs(bucket):
+                if os.path.lexists(os.path.join(folder, rel)):
+                    raise ObjectExists(rel)
+            try:
+                os.link(upload.tmp, upload.final)
+            except FileExistsError:
+                raise ObjectExists(rel) from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                # No hard links on this file system: the existence check above, made under the
+                # commit lock, stands in for the link's atomic no-replace.
+                os.rename(upload.tmp, upload.final)
+            _fsync_dir(upload.folder)
+        except ObjectExists:
+            upload.abort_sync()
+            raise
+        except OSError as exc:
+            upload.abort_sync()
+            raise _oserror("commit upload", exc) from None
+        upload.abort_sync()  # drops the temp name; the data lives on under the final name
+
+    def remove_sync(self, bucket: str, kind: str, name: str) -> int:
+        """Remove the object from every volume; the number of bytes freed (0 if it did not exist)."""
+        rel = object_path(kind, name)
+        freed = 0
+        for folder in self.bucket_dirs(bucket):
+            path = os.path.join(folder, rel)
+            try:
+                size = os.lstat(path).st_size
+                os.unlink(path)
+                freed += size
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _oserror("remove", exc) from None
+        return freed
+
+    # -- administration ------------------------------------------------------------------------
+
+    def usage_sync(self, bucket: str) -> tuple[int, int]:
+        """(bytes, files) of a bucket's objects over all volumes (temp files not counted)."""
+        total = files = 0
+        for folder in self.bucket_dirs(bucket):
+            t, f = _tally(folder)
+            total += t
+            files += f
+        return total, files
+
+    def delete_bucket_sync(self, bucket: str) -> None:
+        for folder in self.bucket_dirs(bucket):
+            if os.path.isdir(folder):
+                # Files are read-only; rmtree removes them anyway (the folders are writable).
+                shutil.rmtree(folder)
+
+    def volume_report_sync(self) -> list[VolumeUsage]:
+        report = []
+        for volume in self.volumes:
+            try:
+                st = os.statvfs(volume)
+            except OSError:
+                report.append(VolumeUsage(volume, 0, 0, 0, 0, False))
+                continue
+            stored = files = 0
+            try:
+                entries = [e for e in os.scandir(volume) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                entries = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue  # the server's own state folder
+                t, f = _tally(entry.path)
+                stored += t
+                files += f
+            report.append(
+                VolumeUsage(
+                    volume,
+                    st.f_blocks * st.f_frsize,
+                    st.f_bavail * st.f_frsize,
+                    stored,
+                    files,
+                    True,
+                )
+            )
+        return report
+
+
+def _tally(folder: str) -> tuple[int, int]:
+    total = files = 0
+    for root, _dirs, names in os.walk(folder):
+        for n in names:
+            if TEMP_MARK in n:
+                continue
+            try:
+                total += os.lstat(os.path.join(root, n)).st_size
+                files += 1
+            except FileNotFoundError:
+                continue
+    return total, files

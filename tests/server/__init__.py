@@ -1,0 +1,1 @@
+"""Tests of the bucket server (server/, installed as vaultfs.server)."""

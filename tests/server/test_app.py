@@ -1,0 +1,296 @@
+"""The storage role over real HTTP: restic's REST protocol, auth, quotas, append-only and the attacks of
+the issue's security list (wrong PSK, another bucket's PSK, traversal, bad names, bad hashes, quotas)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.harness import ServerThread, server_config
+from vaultfs.backend.rest import RestBackend
+from vaultfs.errors import BackendError
+
+V2 = "application/vnd.x.restic.rest.v2"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerThread(server_config(str(tmp_path_factory.mktemp("srv"))))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def bucket(server):
+    return server.bucket()
+
+
+@pytest.fixture
+def client(bucket):
+    with httpx.Client(base_url=bucket.url, auth=bucket.auth, timeout=30) as c:
+        yield c
+
+
+def blob(size: int = 1000) -> tuple[bytes, str]:
+    data = os.urandom(size)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def bucket_dir(server: ServerThread, name: str) -> Path:
+    return Path(server.config.volume_paths[0]) / name
+
+
+def test_protocol_round_trip(client, server, bucket):
+    assert client.post("?create=true").status_code == 200
+    assert client.post("?create=false").status_code == 400
+    assert client.get("").status_code == 405
+    assert client.delete("").status_code == 405
+    data, name = blob(300_000)
+    assert client.head(f"data/{name}").status_code == 404
+    assert client.post(f"data/{name}", content=data).status_code == 200
+    # The server stores it in the vault layout, read-only, with no temp file left.
+    path = bucket_dir(server, bucket.name) / "data" / name[:2] / name
+    assert path.read_bytes() == data
+    assert path.stat().st_mode & 0o777 == 0o400
+    head = client.head(f"data/{name}")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(data))
+    assert client.get(f"data/{name}").content == data
+    part = client.get(f"data/{name}", headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == data[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{len(data)}"
+    assert client.get(f"data/{name}", headers={"Range": "bytes=299990-"}).content == data[-10:]
+    assert client.get(f"data/{name}", headers={"Range": "bytes=-5"}).content == data[-5:]
+    assert client.get(f"data/{name}", headers={"Range": "bytes=300000-"}).status_code == 416
+    v2 = client.get("data/", headers={"Accept": V2})
+    assert v2.headers["content-type"] == V2
+    assert v2.json() == [{"name": name, "size": len(data)}]
+    v1 = client.get("data/")
+    assert v1.json() == [name] and v1.headers["content-type"].endswith("rest.v1")
+    assert client.post(f"data/{name}", content=data).status_code == 403  # never overwritten
+    assert client.delete(f"data/{name}").status_code == 200
+    assert client.delete(f"data/{name}").status_code == 200
+    assert client.get("data/", headers={"Accept": V2}).json() == []
+    assert client.post("config", content=b"not hashed").status_code == 200
+    assert client.post("config", content=b"other").status_code == 403
+    assert client.get("config").content == b"not hashed"
+
+
+def test_v1_listing_is_understood_by_the_client(bucket):
+    be = RestBackend(bucket.location)
+    try:
+        data, name = blob()
+        be.write("index", name, data)
+        be._client.headers["Accept"] = "application/vnd.x.restic.rest.v1"
+        assert list(be.list("index")) == [(name, len(data))]
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [None, ("wrong", "0" * 32), "other-bucket", "psk-of-other-bucket", "not-hex", "short-psk"],
+)
+def test_credentials(server, bucket, auth):
+    other = server.bucket()
+    if auth == "other-bucket":
+        auth = other.auth  # valid credentials, but for another bucket than the URL's
+    elif auth == "psk-of-other-bucket":
+        auth = (bucket.name, other.psk)
+    elif auth == "not-hex":
+        auth = (bucket.name, "z" * 32)
+    elif auth == "short-psk":
+        auth = (bucket.name, bucket.psk[:30])
+    resp = httpx.get(f"{bucket.url}keys/", auth=auth)
+    assert resp.status_code == 401
+    assert resp.headers["www-authenticate"].startswith("Basic")
+    assert httpx.get(f"{bucket.url}keys/", auth=bucket.auth).status_code == 200
+
+
+def test_repeated_failures_slow_an_address_down(server, bucket):
+    auth = server.server.app.auth
+    before = auth.failures("127.0.0.1")
+    for _ in range(3):
+        assert httpx.get(f"{bucket.url}keys/", auth=(bucket.name, "1" * 32)).status_code == 401
+    assert auth.failures("127.0.0.1") >= before + 3
+    assert httpx.get(f"{bucket.url}keys/", auth=bucket.auth).status_code == 200
+    assert auth.failures("127.0.0.1") == 0
+
+
+TRAVERSALS = [
+    "../etc/passwd",
+    "data/../../etc/passwd",
+    "data/%2e%2e/%2e%2e/config",
+    "data%2f..%2f..%2fconfig",
+    "%2e%2e/config",
+    "data/..%2f..%2fconfig",
+    "data/%252e%252e/config",
+    "data/..\\..\\config",
+    "data/" + "a" * 63 + "/",
+    "data//" + "a" * 64,
+    "data/" + "A" * 64,
+    "data/" + "a" * 63,
+    "data/" + "a" * 65,
+    "data/" + "g" * 64,
+    "tmp/" + "a" * 64,
+    "data/aa/" + "a" * 64,
+    "config/",
+    "keys/." + "a" * 63,
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_paths_outside_the_grammar_are_404(client, path):
+    for method in ("GET", "POST", "DELETE", "HEAD"):
+        resp = client.request(method, path, content=b"x" if method == "POST" else None)
+        assert resp.status_code == 404, (method, path, resp.status_code)
+
+
+def test_raw_traversal_targets(server, bucket):
+    import socket
+
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    for target in (f"/{bucket.name}/../{bucket.name}/config", "/../../etc/passwd", "*", "//etc"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.split(b" ")[1] in (b"404", b"400"), (target, answer[:80])
+        assert b"/tmp" not in answer and str(server.config.data).encode() not in answer
+
+
+def test_body_whose_hash_does_not_match_is_refused_and_not_stored(client, server, bucket):
+    data, name = blob()
+    resp = client.post(f"data/{name}", content=data + b"!")
+    assert resp.status_code == 400
+    assert client.head(f"data/{name}").status_code == 404
+    leftovers = [p for p in bucket_dir(server, bucket.name).rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_quota(server):
+    creds = server.bucket(quota=10_000)
+    with httpx.Client(base_url=creds.url, auth=creds.auth) as c:
+        small, small_name = blob(6000)
+        big, big_name = blob(6000)
+        assert c.post(f"data/{small_name}", content=small).status_code == 200
+        assert c.post(f"data/{big_name}", content=big).status_code == 507  # before writing
+        assert c.head(f"data/{big_name}").status_code == 404
+
+        def chunked():
+            yield big
+
+        assert c.post(f"data/{big_name}", content=chunked()).status_code == 411
+        assert c.delete(f"data/{small_name}").status_code == 200
+        assert c.post(f"data/{big_name}", content=big).status_code == 200
+    with server.admin() as admin:
+        assert admin.info(creds.name).stored == 6000
+
+
+def test_quota_error_reaches_the_client_as_permanent(server):
+    creds = server.bucket(quota=100)
+    be = RestBackend(creds.location)
+    try:
+        data, name = blob(5000)
+        with pytest.raises(BackendError, match="507") as info:
+            be.write("data", name, data)
+        assert not info.value.temporary
+    finally:
+        be.close()
+
+
+def test_append_only_refuses_deletes_except_locks(server):
+    creds = server.bucket(append_only=True)
+    with httpx.Client(base_url=creds.url, auth=creds.auth) as c:
+        data, name = blob()
+        for kind in ("data", "keys", "snapshots", "index", "locks", "packindex"):
+            assert c.post(f"{kind}/{name}", content=data).status_code == 200
+        assert c.post("config", content=b"cfg").status_code == 200
+        for kind in ("data", "keys", "snapshots", "index", "packindex"):
+            assert c.delete(f"{kind}/{name}").status_code == 403
+            assert c.head(f"{kind}/{name}").status_code == 200
+        assert c.delete("config").status_code == 403
+        assert c.delete(f"locks/{name}").status_code == 200
+        assert c.head(f"locks/{name}").status_code == 404
+        assert c.post(f"data/{name}", content=data).status_code == 403
+
+
+def test_two_clients_uploading_the_same_file_at_once(server, bucket):
+    data, name = blob(4 << 20)
+    results = []
+
+    def upload():
+        with httpx.Client(auth=bucket.auth, timeout=60) as c:
+            results.append(c.post(f"{bucket.url}data/{name}", content=data).status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results).count(200) == 1 and set(results) <= {200, 403}, results
+    folder = bucket_dir(server, bucket.name) / "data" / name[:2]
+    assert [p.name for p in folder.iterdir()] == [name]
+    assert (folder / name).read_bytes() == data
+
+
+def test_healthz_metrics_and_address_lists(tmp_path):
+    srv = ServerThread(server_config(str(tmp_path / "d"), metrics_allow=["127.0.0.1/32"]))
+    try:
+        creds = srv.bucket("metered")
+        data, name = blob(777)
+        with httpx.Client(base_url=creds.url, auth=creds.auth) as c:
+            assert c.post(f"data/{name}", content=data).status_code == 200
+            assert c.get(f"data/{name}").status_code == 200
+            assert c.get("data/" + "0" * 64).status_code == 404
+        assert httpx.get(srv.url + "healthz").text == "ok\n"
+        metrics = httpx.get(srv.url + "metrics").text
+        assert 'vaultfs_requests_total{bucket="metered",method="POST",status="200"} 1' in metrics
+        assert 'vaultfs_received_bytes_total{bucket="metered"} 777' in metrics
+        # 777 of content plus the bodies "ok\n" (POST) and "not found\n" (404)
+        assert 'vaultfs_sent_bytes_total{bucket="metered"} 790' in metrics
+        assert 'vaultfs_errors_total{bucket="metered"} 1' in metrics
+    finally:
+        srv.stop()
+    srv = ServerThread(server_config(str(tmp_path / "e"), allow=["10.0.0.0/8"]))
+    try:
+        assert httpx.get(srv.url + "healthz").status_code == 403
+    finally:
+        srv.stop()
+
+
+def test_x_forwarded_for_only_when_trusted(tmp_path):
+    """The left-most entry is the client when trusted: it is denied, and not allowed /metrics."""
+    for trust, expected in ((False, 200), (True, 403)):
+        srv = ServerThread(
+            server_config(
+                str(tmp_path / str(trust)), deny=["203.0.113.0/24"], trust_x_forwarded_for=trust
+            )
+        )
+        try:
+            resp = httpx.get(
+                srv.url + "healthz", headers={"X-Forwarded-For": "203.0.113.9, 10.0.0.1"}
+            )
+            assert resp.status_code == expected
+            assert httpx.get(srv.url + "healthz").status_code == 200
+            resp = httpx.get(srv.url + "metrics", headers={"X-Forwarded-For": "198.51.100.1"})
+            assert resp.status_code == expected
+        finally:
+            srv.stop()
+
+
+def test_error_bodies_never_show_server_paths(client, server):
+    texts = [
+        client.get("data/" + "0" * 64).text,
+        client.post("data/" + "0" * 64, content=b"x").text,
+        client.get("nothing").text,
+    ]
+    for t in texts:
+        assert server.config.data not in t and "/" not in t.strip()
+    assert json.loads(client.get("keys/", headers={"Accept": V2}).text) == []
