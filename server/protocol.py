@@ -175,6 +175,11 @@ class HttpConnection:
                 await self._refuse(exc)
                 return None
             if isinstance(event, h11.Request):
+                # h11 bounds only heads that arrive in pieces; a whole over-long head is refused here.
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > MAX_HEAD:
+                    await self._refuse(h11.RemoteProtocolError("head too long", 431))
+                    return None
                 return event
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None

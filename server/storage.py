@@ -204,38 +204,49 @@ class Storage:
 
     def list_sync(self, bucket: str, kind: str) -> list[tuple[str, int]] | None:
         """(name, size) of every object of ``kind`` in every volume; None when no volume has the
-        kind's folder (a bucket that was never initialised)."""
+        kind's folder (a bucket that was never initialised).
+
+        With several volumes, the volumes before the last are scanned a second time: a file moved from
+        a later volume to an earlier one while we scanned would otherwise be missed by both scans.
+        """
         seen: dict[str, int] = {}
-        any_folder = False
-        for folder in self.bucket_dirs(bucket):
-            top = os.path.join(folder, kind)
+        folders = self.bucket_dirs(bucket)
+        found = [self._scan_sync(folder, kind, seen) for folder in folders]
+        for folder in folders[:-1]:
+            self._scan_sync(folder, kind, seen)
+        return sorted(seen.items()) if any(found) else None
+
+    @staticmethod
+    def _scan_sync(folder: str, kind: str, seen: dict[str, int]) -> bool:
+        """Add the objects of ``kind`` in one bucket folder to ``seen``; False if the kind's folder is
+        missing there."""
+        top = os.path.join(folder, kind)
+        try:
+            if kind == "data":
+                subdirs = [e.path for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+            else:
+                subdirs = [top]
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise _oserror("list", exc) from None
+        for sub in subdirs:
             try:
-                if kind == "data":
-                    subdirs = [e.path for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
-                else:
-                    subdirs = [top]
+                entries = list(os.scandir(sub))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
                 raise _oserror("list", exc) from None
-            any_folder = True
-            for sub in subdirs:
-                try:
-                    entries = list(os.scandir(sub))
-                except (FileNotFoundError, NotADirectoryError):
+            for entry in entries:
+                if not _HEX64.match(entry.name) or entry.name in seen:
                     continue
-                except OSError as exc:
-                    raise _oserror("list", exc) from None
-                for entry in entries:
-                    if not _HEX64.match(entry.name) or entry.name in seen:
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # moved or removed while we listed
-                    if stat.S_ISREG(st.st_mode):
-                        seen[entry.name] = st.st_size
-        return sorted(seen.items()) if any_folder else None
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # moved or removed while we listed
+                if stat.S_ISREG(st.st_mode):
+                    seen[entry.name] = st.st_size
+        return True
 
     # -- writing -------------------------------------------------------------------------------
 

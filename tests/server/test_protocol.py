@@ -1,0 +1,225 @@
+"""HTTP/1.1 edge cases on raw sockets: malformed requests, 100-continue, keep-alive, early answers to
+uploads, clients that stop or vanish mid-body, and graceful shutdown with uploads in flight."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.harness import ServerThread, server_config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerThread(
+        server_config(
+            str(tmp_path_factory.mktemp("proto")), read_timeout=1.0, keepalive_timeout=5.0
+        )
+    )
+    yield srv
+    srv.stop()
+
+
+def connect(server: ServerThread) -> socket.socket:
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response (head and Content-Length body) from ``sock``."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return status, headers, rest[:length]
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+def auth_header(creds) -> str:
+    return "Basic " + base64.b64encode(f"{creds.name}:{creds.psk}".encode()).decode()
+
+
+def request_head(method: str, path: str, creds, **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test", f"Authorization: {auth_header(creds)}"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_malformed_requests_get_an_answer_and_a_closed_connection(server, raw, status):
+    with connect(server) as sock:
+        sock.sendall(raw)
+        got, headers, _ = read_response(sock)
+        assert got == status
+        assert headers.get("connection") == "close"
+        assert closed(sock)
+    assert httpx.get(server.url + "healthz").status_code == 200  # still serving
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    creds = server.bucket()
+    with connect(server) as sock:
+        for _ in range(3):
+            sock.sendall(request_head("GET", f"/{creds.name}/keys/", creds))
+            status, headers, body = read_response(sock)
+            assert status == 200 and body == b"[]"
+            assert headers.get("connection") != "close"
+
+
+def test_expect_100_continue(server):
+    creds = server.bucket()
+    data = os.urandom(5000)
+    name = hashlib.sha256(data).hexdigest()
+    with connect(server) as sock:
+        head = request_head(
+            "POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data)),
+            Expect="100-continue",
+        )  # fmt: skip
+        sock.sendall(head)
+        status, _, _ = read_response(sock)
+        assert status == 100
+        sock.sendall(data)
+        status, _, _ = read_response(sock)
+        assert status == 200
+        # Refused from its head (the object exists): no 100, the answer comes at once.
+        sock.sendall(head)
+        status, headers, _ = read_response(sock)
+        assert status == 403 and headers.get("connection") == "close"
+
+
+def test_early_answer_to_a_large_upload_is_read_not_reset(server):
+    """403 for an existing object arrives while the client still sends 8 MiB it will not need."""
+    creds = server.bucket()
+    data = os.urandom(8 << 20)
+    name = hashlib.sha256(data).hexdigest()
+    assert httpx.post(f"{creds.url}data/{name}", content=data, auth=creds.auth).status_code == 200
+    with connect(server) as sock:
+        sock.sendall(
+            request_head("POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data)))
+        )
+        sender = threading.Thread(target=lambda: _send_quietly(sock, data))
+        sender.start()
+        status, _, _ = read_response(sock)
+        sender.join()
+    assert status == 403
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("how", ["stops", "vanishes"])
+def test_client_that_stops_mid_body_leaves_nothing_behind(server, how):
+    creds = server.bucket()
+    data = os.urandom(3 << 20)
+    name = hashlib.sha256(data).hexdigest()
+    folder = Path(server.config.volume_paths[0]) / creds.name
+    before = files_under(folder)
+    with connect(server) as sock:
+        sock.sendall(
+            request_head("POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data)))
+        )
+        sock.sendall(data[: 2 << 20])
+        if how == "stops":
+            # read_timeout is 1 s: the server gives up and closes the connection.
+            assert closed(sock)
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    deadline = time.monotonic() + 20
+    while server.server.app.metrics.uploads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.server.app.metrics.uploads == 0
+    assert files_under(folder) == before
+    assert httpx.head(f"{creds.url}data/{name}", auth=creds.auth).status_code == 404
+
+
+def test_chunked_upload(server):
+    creds = server.bucket()
+    data = os.urandom(100_000)
+    name = hashlib.sha256(data).hexdigest()
+
+    def pieces():
+        for i in range(0, len(data), 30_000):
+            yield data[i : i + 30_000]
+
+    resp = httpx.post(f"{creds.url}index/{name}", content=pieces(), auth=creds.auth)
+    assert resp.status_code == 200
+    assert httpx.get(f"{creds.url}index/{name}", auth=creds.auth).content == data
+
+
+def test_graceful_shutdown_finishes_or_discards_uploads(tmp_path):
+    srv = ServerThread(server_config(str(tmp_path / "d"), shutdown_grace=2.0, read_timeout=30.0))
+    creds = srv.bucket()
+    folder = Path(srv.config.volume_paths[0]) / creds.name
+    finishing, finishing_name = os.urandom(2 << 20), ""
+    finishing_name = hashlib.sha256(finishing).hexdigest()
+    stalled = os.urandom(2 << 20)
+    stalled_name = hashlib.sha256(stalled).hexdigest()
+    a, b, idle = connect(srv), connect(srv), connect(srv)
+    try:
+        idle.sendall(request_head("GET", f"/{creds.name}/keys/", creds))
+        assert read_response(idle)[0] == 200  # now idle in keep-alive
+        for sock, data, name in ((a, finishing, finishing_name), (b, stalled, stalled_name)):
+            sock.sendall(
+                request_head(
+                    "POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data))
+                )
+            )
+            sock.sendall(data[:1000])
+        deadline = time.monotonic() + 10
+        while srv.server.app.metrics.uploads < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        assert closed(idle)  # idle keep-alive connections close at once
+        a.sendall(finishing[1000:])
+        status, headers, _ = read_response(a)
+        assert status == 200 and headers.get("connection") == "close"
+        stopper.join(30)  # b never finishes: cancelled after the grace period
+        assert not stopper.is_alive()
+    finally:
+        for s in (a, b, idle):
+            s.close()
+    names = sorted(p.name for p in files_under(folder))
+    assert names == [finishing_name]
