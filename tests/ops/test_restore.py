@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -478,3 +481,72 @@ def test_cli_errors_for_damaged_data_print_the_file(tmp_path):
     res = vault("-r", b.repo.backend.root, "restore", snap_id, "-t", tmp_path / "out", expect=1)
     assert "error: /victim: content lost" in res.err and node.content[0].hex() in res.err
     assert (tmp_path / "out" / "fine").read_bytes() == b"fine"
+
+
+NOBODY = 65534
+
+
+def _reopen(repo: Repository) -> Repository:
+    return Repository.open(LocalBackend(repo.backend.root), b"pw")
+
+
+def _as_nobody(work):
+    """Run ``work()`` in a forked child that dropped root for uid/gid 65534; return its JSON result.
+    (The interpreter lives under /root, so a fresh process as another user cannot even start.)"""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            result = json.dumps(work()).encode()
+            os.write(write_end, result)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the restore as nobody failed"
+    return json.loads(data)
+
+
+@pytest.mark.skipif(not ROOT, reason="switching to another user needs root")
+def test_restore_as_an_ordinary_user(tmp_path):
+    # Without root: no owners and no devices, but a mode-000 file, a read-only folder and xattrs on a
+    # read-only file must still come back (content and xattrs first, modes last, folders bottom-up).
+    base = Path(tempfile.mkdtemp(prefix="vault-nonroot-"))
+    try:
+        os.chmod(base, 0o755)
+        b = VaultBuilder(base / "vault")
+        locked = b.dir(
+            "locked",
+            [
+                b.file("zero", [b"secret\n"], mode=0o000),
+                b.file("ro", [b"ro\n"], mode=0o444, extended_attributes=[("user.k", b"v")]),
+            ],
+            mode=0o500,
+        )
+        dev = Node(
+            name="dev", type="dev", mode=GO_DEVICE | 0o600, device=os.makedev(7, 0), **b.times()
+        )
+        snap_id = b.snapshot([locked, dev, b.file("owned", [b"o"], uid=1234, gid=5678)])
+        subprocess.run(["chown", "-R", str(NOBODY), str(base)], check=True)
+        target = base / "out"
+        doc = _as_nobody(lambda: restore(_reopen(b.repo), snap_id, target).to_json())
+        assert doc["errors"] == [] and [w["path"] for w in doc["warnings"]] == ["/dev"]
+        assert not (target / "dev").exists()
+        assert (target / "locked" / "zero").read_bytes() == b"secret\n"  # root may read it
+        assert stat.S_IMODE(os.stat(target / "locked" / "zero").st_mode) == 0
+        assert stat.S_IMODE(os.stat(target / "locked").st_mode) == 0o500
+        assert os.getxattr(target / "locked" / "ro", "user.k") == b"v"
+        assert _mtime(target / "locked") == locked.mtime.ns
+        assert os.stat(target / "owned").st_uid == NOBODY
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
