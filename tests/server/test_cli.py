@@ -1,0 +1,199 @@
+"""`vault serve` and `vault server` as an administrator runs them: real processes, TLS, SIGTERM."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.env import env_for
+from tests.tools.cli import one_line_error, vault
+
+
+class ServeProcess:
+    """`vault serve ARGS` in a subprocess; ``url`` is what it printed."""
+
+    def __init__(self, *args: str | os.PathLike[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vaultfs.tools.main", "serve", *map(os.fspath, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env_for(None), **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        found = re.search(r"listening on (\S+)", line)
+        if found is None:
+            self.proc.kill()
+            raise AssertionError(f"vault serve printed {line!r}; stderr: {self.proc.stderr.read()}")
+        self.url = found.group(1)
+
+    def terminate(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        _out, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err
+
+
+def make_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vaultfs test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def admin(data: Path, *args: str, expect: int = 0):
+    return vault("server", "--data", data, *args, password=None, expect=expect)
+
+
+def test_bucket_administration(tmp_path):
+    data = tmp_path / "data"
+    created = json.loads(
+        admin(data, "bucket", "create", "alpha", "--quota", "2G", "--append-only", "--json").out
+    )
+    assert created["name"] == "alpha" and re.fullmatch(r"[0-9a-f]{32}", created["psk"])
+    assert created["quota"] == 2 << 30 and created["append_only"]
+    # The state keeps a bcrypt hash, never the PSK.
+    state = (data / ".vaultfs-server" / "state.sqlite3").read_bytes()
+    assert created["psk"].encode() not in state and bytes.fromhex(created["psk"]) not in state
+    text = admin(data, "bucket", "create").out
+    assert re.search(r"psk:\s+[0-9a-f]{32}", text) and "location:    rest:http://" in text
+    assert (data / "alpha" / "data" / "ff").is_dir()  # a vault layout, ready for rsync
+    listed = json.loads(admin(data, "bucket", "list", "--json").out)
+    assert "alpha" in [b["name"] for b in listed] and len(listed) == 2
+    changed = json.loads(
+        admin(data, "bucket", "set", "alpha", "--quota", "0", "--no-append-only", "--json").out
+    )
+    assert changed["quota"] == 0 and not changed["append_only"] and "psk" not in changed
+    rotated = json.loads(admin(data, "bucket", "set", "alpha", "--new-psk", "--json").out)
+    assert rotated["psk"] != created["psk"]
+    assert "dup" not in one_line_error(admin(data, "bucket", "create", "alpha", expect=2))
+    assert "invalid bucket name" in one_line_error(
+        admin(data, "bucket", "create", "A/..", expect=2)
+    )
+    assert "no bucket" in one_line_error(admin(data, "bucket", "info", "nope", expect=1))
+    assert "bad size" in one_line_error(
+        admin(data, "bucket", "set", "alpha", "--quota", "lots", expect=2)
+    )
+    admin(data, "bucket", "delete", "alpha")
+    assert not (data / "alpha").exists()
+    assert len(json.loads(admin(data, "bucket", "list", "--json").out)) == 1
+
+
+def test_bad_config_is_a_usage_error(tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text('listen = "127.0.0.1:0"\nlisten_backlog = 5\n')
+    err = one_line_error(vault("serve", "--config", config, password=None, expect=2))
+    assert "unknown key 'listen_backlog'" in err
+    config.write_text("read_timeout = 'soon'\n")
+    assert "read_timeout" in one_line_error(
+        vault("serve", "--config", config, password=None, expect=2)
+    )
+
+
+def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
+    cert, key = make_cert(tmp_path)
+    data = tmp_path / "data"
+    creds = json.loads(admin(data, "bucket", "create", "tls", "--json").out)
+    server = ServeProcess(
+        "--data", data, "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key,
+        "--access-log", tmp_path / "access.log",
+    )  # fmt: skip
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        loc = "rest:" + server.url.replace("https://", f"https://tls:{creds['psk']}@") + "tls/"
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "file").write_bytes(os.urandom(10_000))
+        ca = {"VAULT_CACERT": str(cert)}
+        vault("-r", loc, "init", env=ca)
+        vault("-r", loc, "backup", src, env=ca)
+        snaps = json.loads(vault("-r", loc, "snapshots", "--json", env=ca).out)
+        assert len(snaps) == 1
+        failed = vault("-r", loc, "snapshots", expect=1)  # the system CAs do not know ours
+        assert "certificate" in one_line_error(failed).lower()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        assert httpx.get(server.url + "healthz", verify=ctx).text == "ok\n"
+    finally:
+        code, err = server.terminate()
+    assert code == 0, err
+    assert "stopped" in err
+    log = (tmp_path / "access.log").read_text()
+    assert re.search(
+        r'127\.0\.0\.1 - tls \[.*\] "POST /tls/snapshots/[0-9a-f]{64} HTTP/1.1" 200', log
+    )
+
+
+@pytest.mark.slow
+def test_500_mb_upload_streams_with_flat_memory(tmp_path):
+    """The server's peak RSS after a 500 MB upload stays far below the upload's size."""
+    data = tmp_path / "data"
+    creds = json.loads(admin(data, "bucket", "create", "big", "--json").out)
+    server = ServeProcess("--data", data, "--listen", "127.0.0.1:0", "--access-log", "")
+    try:
+        piece = os.urandom(1 << 20)
+        h = hashlib.sha256()
+        count = 500
+        for _ in range(count):
+            h.update(piece)
+
+        def body():
+            for _ in range(count):
+                yield piece
+
+        resp = httpx.post(
+            f"{server.url}big/data/{h.hexdigest()}",
+            content=body(),
+            headers={"Content-Length": str(count << 20)},
+            auth=("big", creds["psk"]),
+            timeout=120,
+        )
+        assert resp.status_code == 200
+        status = Path(f"/proc/{server.proc.pid}/status").read_text()
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+        assert peak_kib < 150 * 1024, f"server peak RSS {peak_kib} KiB"
+        stored = data / "big" / "data" / h.hexdigest()[:2] / h.hexdigest()
+        assert stored.stat().st_size == count << 20
+    finally:
+        server.terminate()

@@ -1,0 +1,71 @@
+"""Interop through the bucket server: the real restic 0.14 and the vault CLI as clients, and a bucket
+copied off the server with rsync checked by restic and vault."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.ci import unavailable
+from tests.helpers.restic import Restic
+from tests.helpers.trees import assert_same_tree
+from tests.server.harness import ServerThread, server_config
+from tests.tools.cli import vault
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerThread(server_config(str(tmp_path_factory.mktemp("interop"))))
+    yield srv
+    srv.stop()
+
+
+def rsync(src: Path, dst: Path) -> None:
+    binary = shutil.which("rsync")
+    if binary is None:
+        unavailable("rsync is not installed (apt-get install rsync)")
+    subprocess.run([binary, "-a", f"{src}/", f"{dst}/"], check=True, timeout=300)
+
+
+def test_restic_backs_up_checks_and_restores_through_the_server(server, tricky_tree, tmp_path):
+    creds = server.bucket()
+    restic = Restic(creds.location, "restic pw")
+    restic.init(version=2)
+    restic.backup(["."], cwd=tricky_tree, full_id=False)
+    restic.check("--read-data")
+    restored = restic.restore("latest", tmp_path / "restored")
+    assert_same_tree(tricky_tree, restored, owners=True)
+    # The bucket, copied off the server, is an ordinary vault for restic and vault alike.
+    copy = tmp_path / "copy"
+    rsync(Path(server.config.volume_paths[0]) / creds.name, copy)
+    Restic(copy, "restic pw").check("--read-data")
+    if importlib.util.find_spec("vaultfs.tools.cmd_verify") is not None:
+        vault("verify", "-r", copy, password=None)
+    snaps = json.loads(vault("-r", copy, "snapshots", "--json", password="restic pw").out)
+    assert len(snaps) == 1
+
+
+def test_vault_commands_through_the_server(server, tmp_path):
+    creds = server.bucket()
+    loc = creds.location
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("hello\n" * 1000)
+    (src / "sub" / "b.bin").write_bytes(bytes(range(256)) * 4000)
+    vault("-r", loc, "init")
+    vault("-r", loc, "backup", src)
+    snap = json.loads(vault("-r", loc, "snapshots", "--json").out)[0]["id"]
+    listing = vault("-r", loc, "ls", snap).out
+    assert "b.bin" in listing
+    target = tmp_path / "restored"
+    vault("-r", loc, "restore", snap, "--target", target)
+    assert_same_tree(src, Path(f"{target}{src}"), owners=True)
+    for command in ("verify", "deep-verify"):
+        if importlib.util.find_spec(f"vaultfs.tools.cmd_{command.replace('-', '_')}"):
+            vault("-r", loc, command, password=None if command == "verify" else "pw")
+    Restic(loc, "pw").check("--read-data")
