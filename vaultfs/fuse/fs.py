@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -54,6 +55,15 @@ BLOCK_SIZE = 128 * 1024
 SEQUENTIAL_SLACK = 1024 * 1024
 #: Files with more blobs than this get their offset table built in a worker thread.
 INLINE_BLOBS = 64
+#: Opening a file up to this size fetches it together with the small files that follow it in its
+#: folder (the order tar, cp and rsync read them), up to SIBLING_BYTES and SIBLING_FILES at a time.
+SMALL_FILE = 1024 * 1024
+SIBLING_BYTES = 4 * 1024 * 1024
+SIBLING_FILES = 256
+#: Listing a folder loads the trees of up to this many of its subfolders in the background, and up to
+#: PREFETCHED_TREES such trees wait for their folders to be visited.
+SUBTREE_PREFETCH = 256
+PREFETCHED_TREES = 1024
 
 
 class Inode:
@@ -95,7 +105,18 @@ class TreeDir(Inode):
     names the kernel has heard of to their inode numbers.
     """
 
-    __slots__ = ("tree_id", "node", "snap", "links", "nodes", "names", "by_name", "children")
+    __slots__ = (
+        "tree_id",
+        "node",
+        "snap",
+        "links",
+        "nodes",
+        "names",
+        "by_name",
+        "children",
+        "ahead",
+        "refill",
+    )
 
     def __init__(
         self,
@@ -116,12 +137,16 @@ class TreeDir(Inode):
         self.names: list[bytes] = []
         self.by_name: dict[bytes, int] | None = None
         self.children: dict[bytes, int] = {}
+        # Small-file prefetch: entries before ``ahead`` have been fetched or are being fetched; the
+        # next batch starts when a file at or after ``refill`` is opened.
+        self.ahead = 0
+        self.refill = 0
 
 
 class Leaf(Inode):
-    """A file, symlink, device, fifo or socket inside a snapshot."""
+    """A file, symlink, device, fifo or socket inside a snapshot; ``pos`` is its index in the parent."""
 
-    __slots__ = ("node", "links", "hardlink", "content")
+    __slots__ = ("node", "links", "hardlink", "content", "pos")
 
     def __init__(
         self,
@@ -131,21 +156,23 @@ class Leaf(Inode):
         node: Node,
         links: dict[tuple[int, int], int],
         hardlink: tuple[int, int] | None,
+        pos: int,
     ) -> None:
         super().__init__(ino, parent, name)
         self.node = node
         self.links = links
         self.hardlink = hardlink
         self.content: FileContent | None = None
+        self.pos = pos
 
 
 class _OpenFile:
     __slots__ = ("leaf", "content", "path", "next_off")
 
-    def __init__(self, leaf: Leaf, content: FileContent, path: str) -> None:
+    def __init__(self, leaf: Leaf, content: FileContent, path: Callable[[], str]) -> None:
         self.leaf = leaf
         self.content = content
-        self.path = path
+        self.path = path  # computed only for error messages
         self.next_off = 0
 
 
@@ -213,6 +240,8 @@ class VaultOperations(pyfuse3.Operations):
         self._next_refresh = 0.0
         self._statfs: tuple[float, int] | None = None
         self._bad_trees: set[bytes] = set()
+        self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._tree_fetches: dict[bytes, trio.Event] = {}
         root: Inode
         if catalog is not None:
             root = VirtualDir(ROOT, ROOT, b"", ())
@@ -282,7 +311,7 @@ class VaultOperations(pyfuse3.Operations):
         if node.type == "dir":
             inode = TreeDir(ino, parent.ino, name, node.subtree, parent.links, node=node)
         else:
-            inode = Leaf(ino, parent.ino, name, node, parent.links, hardlink)
+            inode = Leaf(ino, parent.ino, name, node, parent.links, hardlink, index)
             if hardlink is not None:
                 parent.links[hardlink] = ino
         parent.children[name] = ino
@@ -384,24 +413,80 @@ class VaultOperations(pyfuse3.Operations):
     # -- loading ---------------------------------------------------------------------------------
 
     async def _load_dir(self, inode: TreeDir) -> list[Node]:
+        """The folder's entries, loading its tree if needed; starts loading its subfolders' trees."""
         if inode.nodes is not None:
             return inode.nodes
-        if inode.tree_id is None:
-            nodes: list[Node] = []
-        else:
-            try:
-                nodes = await trio.to_thread.run_sync(
-                    self.repo.load_tree, inode.tree_id, limiter=self.limiter
-                )
-            except VaultError as exc:
-                if inode.tree_id not in self._bad_trees:
-                    self._bad_trees.add(inode.tree_id)
-                    log.error("%s: cannot list this folder: %s", self._path(inode), exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+        nodes: list[Node] = []
+        tree_id = inode.tree_id
+        if tree_id is not None:
+            pending = self._tree_fetches.get(tree_id)
+            if pending is not None:
+                await pending.wait()
+            prefetched = self._trees.pop(tree_id, None)
+            if prefetched is not None:
+                nodes = prefetched
+            else:
+                try:
+                    nodes = await trio.to_thread.run_sync(
+                        self.repo.load_tree, tree_id, limiter=self.limiter
+                    )
+                except VaultError as exc:
+                    if tree_id not in self._bad_trees:
+                        self._bad_trees.add(tree_id)
+                        log.error("%s: cannot list this folder: %s", self._path(inode), exc)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
         if inode.nodes is None:  # another task may have loaded it meanwhile
             inode.nodes = nodes
             inode.names = [fs_bytes(node.name) for node in nodes]
+            self._prefetch_subtrees(nodes)
         return inode.nodes
+
+    def _prefetch_subtrees(self, nodes: list[Node]) -> None:
+        """Load the trees of a folder's subfolders in one background worker call: a walk (find, du,
+        tar) then finds each folder's entries ready instead of waiting for a thread hop per folder."""
+        if self.reader.nursery is None:
+            return
+        wanted = []
+        for node in nodes:
+            tree_id = node.subtree
+            if node.type != "dir" or tree_id is None:
+                continue
+            if tree_id in self._trees or tree_id in self._tree_fetches:
+                continue
+            wanted.append(tree_id)
+            if len(wanted) >= SUBTREE_PREFETCH:
+                break
+        if not wanted:
+            return
+        done = trio.Event()
+        for tree_id in wanted:
+            self._tree_fetches[tree_id] = done
+        self.reader.nursery.start_soon(self._fetch_trees, wanted, done)
+
+    async def _fetch_trees(self, tree_ids: list[bytes], done: trio.Event) -> None:
+        try:
+            trees = await trio.to_thread.run_sync(
+                self._load_trees_sync, tree_ids, limiter=self.limiter
+            )
+            for tree_id, nodes in trees.items():
+                self._trees[tree_id] = nodes
+            while len(self._trees) > PREFETCHED_TREES:
+                self._trees.popitem(last=False)
+        finally:
+            for tree_id in tree_ids:
+                if self._tree_fetches.get(tree_id) is done:
+                    del self._tree_fetches[tree_id]
+            done.set()
+
+    def _load_trees_sync(self, tree_ids: list[bytes]) -> dict[bytes, list[Node]]:
+        """Runs in a worker thread. Trees that fail are left out: the folder's own visit reports it."""
+        trees = {}
+        for tree_id in tree_ids:
+            try:
+                trees[tree_id] = self.repo.load_tree(tree_id)
+            except VaultError:
+                continue
+        return trees
 
     async def _refresh(self) -> None:
         """Re-list the vault's snapshots if the last listing is older than ``refresh_interval``."""
@@ -543,12 +628,49 @@ class VaultOperations(pyfuse3.Operations):
         if not isinstance(found, Leaf):
             raise pyfuse3.FUSEError(errno.EISDIR if isinstance(found, TreeDir) else errno.EINVAL)
         content = await self._content(found)
+        if found.node.size <= SMALL_FILE:
+            self._prefetch_siblings(found, content)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = _OpenFile(found, content, self._path(found))
+        self._files[fh] = _OpenFile(found, content, functools.partial(self._path, found))
         # The inode's content never changes (inode numbers are never reused), so pages the kernel
         # cached from an earlier open stay valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _prefetch_siblings(self, leaf: Leaf, content: FileContent) -> None:
+        """Keep the small files that follow an opened one in its folder fetched ahead of the reader.
+
+        Programs that read a folder (tar, cp -r, rsync, grep -r) open its files in listing order. Each
+        batch covers up to SIBLING_BYTES of small files and is fetched in one worker call; the next
+        batch starts when the reader is half-way through the current one, so decoding overlaps with
+        reading. A file opened outside the fetched range starts a batch of its own.
+        """
+        missing = bool(content.blobs) and not self.reader.cached(content.blobs[0])
+        parent = self._inodes.get(leaf.parent)
+        if not isinstance(parent, TreeDir) or parent.nodes is None:
+            if missing:
+                self.reader.prefetch(content.blobs)
+            return
+        pos = leaf.pos
+        if missing or pos >= parent.ahead:
+            start = pos
+        elif pos >= parent.refill:
+            start = parent.ahead
+        else:
+            return
+        blobs: list[bytes] = []
+        total = 0
+        end = start
+        for node in parent.nodes[start : start + SIBLING_FILES]:
+            if node.type == "file" and node.content:
+                if node.size > SMALL_FILE or total + node.size > SIBLING_BYTES:
+                    break
+                blobs.extend(node.content)
+                total += node.size
+            end += 1
+        parent.ahead = end
+        parent.refill = start + (end - start) // 2
+        self.reader.prefetch(blobs)
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:

@@ -1,19 +1,23 @@
 """File reads for the mount: data blobs fetched by exact byte range, decrypted and hash-checked in worker
-threads, kept in an LRU of plaintext, shared between concurrent readers, and fetched ahead on sequential
-reads.
+threads, kept in an LRU of plaintext, shared between concurrent readers, and fetched ahead.
 
 A read of ``size`` bytes at ``offset`` touches one blob (or a few at blob borders). Each blob is read from
-its pack as exactly its stored range (``backend.read(data, pack, offset, length)``), never the whole pack,
-and goes through ``Repository.decode_blob`` (MAC, zstd, SHA-256 against its ID). Two readers that want the
-same blob wait for one fetch. When reads of a file move forward, the next blobs up to ``readahead`` bytes
-ahead are fetched in parallel in the background, so decryption of the next megabytes overlaps with the
-kernel copying out the current ones.
+its pack as exactly its stored range, never the whole pack, and goes through ``Repository.decode_blob``
+(MAC, zstd, SHA-256 against its ID). Two readers that want the same blob wait for one fetch.
+
+Two kinds of read-ahead hide the latency of fetching and the cost of a thread hop per blob:
+
+* sequential reads of a file fetch the next blobs, up to ``readahead`` bytes (and at least two blobs)
+  past the read, one worker-thread call per blob so they decode in parallel;
+* ``prefetch`` takes the blobs of many small files at once (the mount passes the files that follow an
+  opened one in its folder, the order tar, cp and rsync read them) and fetches them in one worker-thread
+  call, reading blobs that sit next to each other in a pack with one backend read.
 
 A blob that cannot be read from any pack that holds it raises BlobUnreadable; the caller turns that into
 EIO for this read only. The first failure per (file, pack) is logged with the file path and pack ID.
 
-Thread/task safety: the BlobReader lives in the trio thread; only ``_load_sync`` runs in worker threads,
-and it touches nothing but the (thread-safe) repository.
+Thread/task safety: the BlobReader lives in the trio thread; only the ``*_sync`` methods run in worker
+threads, and they touch nothing but the (thread-safe) repository.
 """
 
 from __future__ import annotations
@@ -21,20 +25,25 @@ from __future__ import annotations
 import logging
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from vaultfs.errors import VaultError
 from vaultfs.format.pack import DATA
-from vaultfs.repo.masterindex import MasterIndex
+from vaultfs.repo.masterindex import BlobLocation, MasterIndex
 from vaultfs.repo.repository import Repository
 
 log = logging.getLogger("vaultfs.fuse")
 
 MIB = 1024 * 1024
-#: restic's largest chunk is 8 MiB; the cache must hold a blob being read plus the read-ahead.
+#: restic's largest chunk is 8 MiB; the cache must hold a blob being read plus some read-ahead.
 MIN_CACHE = 16 * MIB
+#: Sequential reads keep at least this many blobs in flight ahead of the reader.
+MIN_AHEAD_BLOBS = 2
+#: Neighbouring blobs of one pack are read together up to this many bytes.
+MAX_SPAN = 8 * MIB
 
 
 class BlobUnreadable(Exception):
@@ -121,43 +130,56 @@ class BlobReader:
     # -- reads -----------------------------------------------------------------------------------
 
     async def read(
-        self, content: FileContent, offset: int, size: int, path: str, sequential: bool
+        self,
+        content: FileContent,
+        offset: int,
+        size: int,
+        path: Callable[[], str],
+        sequential: bool,
     ) -> bytes | memoryview:
-        """Bytes ``[offset, offset+size)`` of the file (fewer at its end); raises BlobUnreadable."""
+        """Bytes ``[offset, offset+size)`` of the file (fewer at its end); raises BlobUnreadable.
+
+        ``path()`` names the file in the message logged when a blob cannot be read.
+        """
         end = min(offset + size, content.readable)
         if offset >= end:
             if offset < content.readable or len(content.ends) == len(content.blobs):
                 return b""
-            missing = content.blobs[len(content.ends)]
-            self._report(path, BlobUnreadable(missing, [], "the blob is not in the index"))
-            raise BlobUnreadable(missing, [], "the blob is not in the index")
+            missing = BlobUnreadable(
+                content.blobs[len(content.ends)], [], "the blob is not in the index"
+            )
+            self._report(path, missing)
+            raise missing
         ends = content.ends
         first = bisect_right(ends, offset)
         last = bisect_right(ends, end - 1)
+        if sequential:
+            # Before waiting for this read's own blob, so the next ones decode meanwhile.
+            self._read_ahead(content, first, end)
         if first == last:
             data = await self.blob(content.blobs[first], path)
             base = content.start(first)
-            result: bytes | memoryview = memoryview(data)[offset - base : end - base]
-        else:
-            parts: list[bytes | None] = [None] * (last - first + 1)
+            return memoryview(data)[offset - base : end - base]
+        parts: list[bytes | None] = [None] * (last - first + 1)
 
-            async def one(i: int) -> None:
-                parts[i - first] = await self.blob(content.blobs[i], path)
+        async def one(i: int) -> None:
+            parts[i - first] = await self.blob(content.blobs[i], path)
 
-            async with trio.open_nursery() as nursery:
-                for i in range(first, last + 1):
-                    nursery.start_soon(one, i)
-            pieces = []
-            for i, data in zip(range(first, last + 1), parts, strict=True):
-                assert data is not None
-                base = content.start(i)
-                pieces.append(memoryview(data)[max(offset, base) - base : min(end, ends[i]) - base])
-            result = b"".join(pieces)
-        if sequential:
-            self._read_ahead(content, last + 1, end + self.readahead)
-        return result
+        async with trio.open_nursery() as nursery:
+            for i in range(first, last + 1):
+                nursery.start_soon(one, i)
+        pieces = []
+        for i, data in zip(range(first, last + 1), parts, strict=True):
+            assert data is not None
+            base = content.start(i)
+            pieces.append(memoryview(data)[max(offset, base) - base : min(end, ends[i]) - base])
+        return b"".join(pieces)
 
-    async def blob(self, blob_id: bytes, path: str) -> bytes:
+    def cached(self, blob_id: bytes) -> bool:
+        """True if the blob is in the cache or being fetched."""
+        return blob_id in self._cache or blob_id in self._pending
+
+    async def blob(self, blob_id: bytes, path: Callable[[], str]) -> bytes:
         """The plaintext of one data blob: from the cache, from a fetch already running, or fetched."""
         data = self._cache.get(blob_id)
         if data is not None:
@@ -177,56 +199,112 @@ class BlobReader:
             self._report(path, exc)
             raise
 
-    def _read_ahead(self, content: FileContent, first: int, until: int) -> None:
+    def _read_ahead(self, content: FileContent, current: int, end: int) -> None:
+        """Start fetches for the blobs after ``current`` up to ``readahead`` bytes past ``end``."""
         if self.nursery is None:
             return
         ends = content.ends
-        i = first
-        while i < len(ends) and content.start(i) < until:
+        until = end + self.readahead
+        budget = self.cache_bytes // 2
+        i = current + 1
+        while i < len(ends) and (content.start(i) < until or i <= current + MIN_AHEAD_BLOBS):
+            budget -= ends[i] - content.start(i)
+            if budget < 0:
+                break
             blob_id = content.blobs[i]
-            if blob_id not in self._cache and blob_id not in self._pending:
-                self.nursery.start_soon(self._prefetch, blob_id)
+            if not self.cached(blob_id):
+                self._start([blob_id])
             i += 1
 
-    async def _prefetch(self, blob_id: bytes) -> None:
-        if blob_id in self._cache or blob_id in self._pending:
-            return
-        try:
-            await self._fetch(blob_id)
-        except BlobUnreadable:
-            pass  # reported by the read that needs the blob, with its file's path
+    def prefetch(self, blob_ids: list[bytes]) -> None:
+        """Fetch these blobs in the background, in one worker-thread call (for many small files)."""
+        wanted = [b for b in dict.fromkeys(blob_ids) if not self.cached(b)]
+        if wanted and self.nursery is not None:
+            self._start(wanted)
+
+    def _start(self, blob_ids: list[bytes]) -> None:
+        """Register the fetches now (so nobody starts them twice) and run them in the nursery."""
+        assert self.nursery is not None
+        fetches = {blob_id: _Fetch() for blob_id in blob_ids}
+        self._pending.update(fetches)
+        self.nursery.start_soon(self._run, fetches)
 
     async def _fetch(self, blob_id: bytes) -> bytes:
         fetch = _Fetch()
-        self._pending[blob_id] = fetch
-        try:
-            data = await trio.to_thread.run_sync(self._load_sync, blob_id, limiter=self.limiter)
-            fetch.data = data
-            self.fetched += 1
-            self._store(blob_id, data)
-            return data
-        except BlobUnreadable as exc:
-            fetch.error = exc
-            raise
-        finally:
-            del self._pending[blob_id]
-            fetch.done.set()
+        await self._run({blob_id: fetch})
+        if fetch.error is not None:
+            raise fetch.error
+        assert fetch.data is not None
+        return fetch.data
 
-    def _load_sync(self, blob_id: bytes) -> bytes:
-        """Runs in a worker thread: every known copy of the blob in turn until one decodes."""
-        locations = self.repo.index.lookup_all(blob_id, DATA)
-        if not locations:
-            raise BlobUnreadable(blob_id, [], "the blob is not in the index")
+    async def _run(self, fetches: dict[bytes, _Fetch]) -> None:
+        self._pending.update(fetches)
+        try:
+            results = await trio.to_thread.run_sync(
+                self._load_many_sync, list(fetches), limiter=self.limiter
+            )
+            for blob_id, fetch in fetches.items():
+                result = results[blob_id]
+                if isinstance(result, BlobUnreadable):
+                    fetch.error = result
+                else:
+                    fetch.data = result
+                    self.fetched += 1
+                    self._store(blob_id, result)
+        finally:
+            for blob_id, fetch in fetches.items():
+                if self._pending.get(blob_id) is fetch:
+                    del self._pending[blob_id]
+                fetch.done.set()
+
+    # -- worker threads --------------------------------------------------------------------------
+
+    def _load_many_sync(self, blob_ids: list[bytes]) -> dict[bytes, bytes | BlobUnreadable]:
+        """Runs in a worker thread: every blob's plaintext, or why it cannot be read.
+
+        Blobs that sit next to each other in one pack are read with one backend read; a blob whose first
+        copy fails is tried again from its other copies, one by one.
+        """
+        out: dict[bytes, bytes | BlobUnreadable] = {}
+        first: list[BlobLocation] = []
+        for blob_id in blob_ids:
+            loc = self.repo.index.lookup(blob_id, DATA)
+            if loc is None:
+                out[blob_id] = BlobUnreadable(blob_id, [], "the blob is not in the index")
+            else:
+                first.append(loc)
+        for run in _runs(first):
+            start = run[0].offset
+            try:
+                raw = self.repo.backend.read(
+                    "data", run[0].pack_id.hex(), start, run[-1].offset + run[-1].length - start
+                )
+            except VaultError:
+                raw = None
+            view = memoryview(raw) if raw is not None else None
+            for loc in run:
+                if view is not None:
+                    try:
+                        rel = loc.offset - start
+                        out[loc.blob_id] = self.repo.decode_blob(loc, view[rel : rel + loc.length])
+                        continue
+                    except VaultError:
+                        pass
+                out[loc.blob_id] = self._load_one_sync(loc.blob_id)
+        return out
+
+    def _load_one_sync(self, blob_id: bytes) -> bytes | BlobUnreadable:
+        """Every known copy of the blob in turn until one decodes."""
         problems = []
-        for loc in locations:
+        for loc in self.repo.index.lookup_all(blob_id, DATA):
             try:
                 sealed = self.repo.backend.read("data", loc.pack_id.hex(), loc.offset, loc.length)
-                data = self.repo.decode_blob(loc, sealed)
+                return self.repo.decode_blob(loc, sealed)
             except VaultError as exc:
                 problems.append((loc.pack_id, str(exc)))
-                continue
-            return data
-        raise BlobUnreadable(
+        if not problems:
+            return BlobUnreadable(blob_id, [], "the blob is not in the index")
+        return BlobUnreadable(
             blob_id, [pack for pack, _ in problems], "; ".join(text for _, text in problems)
         )
 
@@ -241,13 +319,14 @@ class BlobReader:
             _, old = self._cache.popitem(last=False)
             self._cached -= len(old)
 
-    def _report(self, path: str, exc: BlobUnreadable) -> None:
+    def _report(self, file: Callable[[], str], exc: BlobUnreadable) -> None:
+        path = file()
         packs = exc.packs or [b""]
         fresh = [p for p in packs if (path, p) not in self._logged]
         if not fresh:
             return
         self._logged.update((path, p) for p in fresh)
-        where = ", ".join(p.hex() for p in fresh if p) or "no pack (the index does not list it)"
+        where = ", ".join(p.hex() for p in fresh if p) or "none (the index does not list it)"
         log.error(
             "%s: cannot read data blob %s from pack %s: %s; reads of this part of the file fail "
             "with EIO",
@@ -256,3 +335,20 @@ class BlobReader:
             where,
             exc.reason,
         )
+
+
+def _runs(locations: list[BlobLocation]) -> list[list[BlobLocation]]:
+    """Group locations into runs that are back to back in one pack, each at most MAX_SPAN long."""
+    runs: list[list[BlobLocation]] = []
+    for loc in sorted(locations, key=lambda x: (x.pack_id, x.offset)):
+        if runs:
+            last = runs[-1][-1]
+            if (
+                loc.pack_id == last.pack_id
+                and loc.offset == last.offset + last.length
+                and loc.offset + loc.length - runs[-1][0].offset <= MAX_SPAN
+            ):
+                runs[-1].append(loc)
+                continue
+        runs.append([loc])
+    return runs
