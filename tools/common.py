@@ -78,29 +78,39 @@ def location(args: argparse.Namespace) -> str:
 def read_password(
     args: argparse.Namespace, *, prompt: str = "enter password: ", confirm: bool = False
 ) -> bytes:
-    """Password from env, file, command or an interactive prompt, in that order (ARCHITECTURE.md)."""
+    """The vault password.
+
+    Options given on the command line win (--password-file, --password-command), then the environment in
+    ARCHITECTURE.md's order (VAULT_PASSWORD, VAULT_PASSWORD_FILE, VAULT_PASSWORD_COMMAND), then a prompt.
+    """
+    if getattr(args, "password_file", None):
+        return _first_line(args.password_file)
+    if getattr(args, "password_command", None):
+        return _password_from_command(args.password_command)
     value = os.environ.get("VAULT_PASSWORD")
     if value:
         return value.encode()
-    path = option(args, "password_file", "VAULT_PASSWORD_FILE")
-    if path:
-        try:
-            with open(path, "rb") as f:
-                first = f.readline().rstrip(b"\r\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
-        if not first:
-            raise UsageError(f"password file {path} is empty")
-        return first
-    command = option(args, "password_command", "VAULT_PASSWORD_COMMAND")
-    if command:
-        return _password_from_command(command)
+    if os.environ.get("VAULT_PASSWORD_FILE"):
+        return _first_line(os.environ["VAULT_PASSWORD_FILE"])
+    if os.environ.get("VAULT_PASSWORD_COMMAND"):
+        return _password_from_command(os.environ["VAULT_PASSWORD_COMMAND"])
     if sys.stdin.isatty():
         return _prompt(prompt, confirm)
     raise UsageError(
         "no password: set VAULT_PASSWORD, VAULT_PASSWORD_FILE or VAULT_PASSWORD_COMMAND, "
         "or use --password-file/--password-command"
     )
+
+
+def _first_line(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().rstrip(b"\r\n")
+    except OSError as exc:
+        raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
+    if not first:
+        raise UsageError(f"password file {path} is empty")
+    return first
 
 
 def _password_from_command(command: str) -> bytes:
@@ -130,16 +140,8 @@ def _prompt(prompt: str, confirm: bool) -> bytes:
 
 def read_new_password(args: argparse.Namespace) -> bytes:
     """A new password (key add, key passwd): --new-password-file, VAULT_NEW_PASSWORD, or a prompt twice."""
-    path = getattr(args, "new_password_file", None)
-    if path:
-        try:
-            with open(path, "rb") as f:
-                first = f.readline().rstrip(b"\r\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read password file {path}: {exc.strerror}") from None
-        if not first:
-            raise UsageError(f"password file {path} is empty")
-        return first
+    if getattr(args, "new_password_file", None):
+        return _first_line(args.new_password_file)
     value = os.environ.get("VAULT_NEW_PASSWORD")
     if value:
         return value.encode()

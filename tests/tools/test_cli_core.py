@@ -259,3 +259,33 @@ def test_man_pages_are_current():
     assert not stale, f"man pages are stale, run `make man`: {stale}"
     extra = {p.name for p in man.glob("vault*.1")} - set(pages)
     assert not extra, f"man pages for commands that no longer exist: {extra}"
+
+
+def test_password_sources(tmp_path):
+    repo = tmp_path / "v"
+    vault("-r", repo, "init")
+    pwfile = tmp_path / "pw.txt"
+    pwfile.write_text("pw\nignored second line\n")
+    vault("-r", repo, "snapshots", "--password-file", pwfile, password=None)
+    vault("-r", repo, "snapshots", "--password-command", "echo pw", password=None)
+    vault("-r", repo, "snapshots", password=None, env={"VAULT_PASSWORD_FILE": str(pwfile)})
+    vault("-r", repo, "snapshots", password=None, env={"VAULT_PASSWORD_COMMAND": "printf pw"})
+    # an explicit option wins over the environment
+    vault("-r", repo, "snapshots", "--password-file", pwfile, password="wrong")
+    vault(
+        "-r",
+        repo,
+        "snapshots",
+        password=None,
+        env={"VAULT_REPOSITORY": str(repo), "VAULT_PASSWORD": "pw"},
+    )
+    err = one_line_error(
+        vault("-r", repo, "snapshots", "--password-command", "false", password=None, expect=2)
+    )
+    assert "password command" in err
+    err = one_line_error(
+        vault(
+            "-r", repo, "snapshots", "--password-file", tmp_path / "nope", password=None, expect=2
+        )
+    )
+    assert "cannot read password file" in err

@@ -1,0 +1,159 @@
+"""vault repair: bring a damaged vault back to a clean state, losing as little as possible.
+
+Steps, each only when needed: remove locks left by dead processes on this host; with --rollback-to,
+move away every data, index, snapshot and packindex file written after TIME; find corrupt files by
+their hash; copy the intact blobs out of damaged packs into new packs; move damaged files, files that
+are not vault objects and leftover temp files to a quarantine folder outside the vault's folders
+(--delete removes them instead); rebuild the index from the pack headers; then deal with the snapshots
+that need data that is gone: drop them, or with --salvage write a new snapshot without the damaged
+files (tagged "repaired", the old snapshot's ID kept in its "original" field) and drop the old one.
+Checks again and repeats until the vault deep-verifies clean.
+
+Prints exactly which snapshots and which files in them were lost. --dry-run changes nothing and prints
+the plan. Running repair again is always safe: on a clean vault it changes nothing, and after a crash
+(even kill -9) a second run finishes the job.
+
+The default quarantine folder is next to the vault: <vault>/../<vault name>.quarantine-<time>/; each
+file keeps its vault path there, and MANIFEST.jsonl says why it was moved.
+
+Exit status 0 when the vault is clean at the end (for --dry-run: when nothing needs repair), 1 when
+problems remain (for --dry-run: when a repair would change something).
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+
+from vaultfs.errors import UsageError
+from vaultfs.ops.repair import DEFAULT_TAG, RepairReport, repair
+from vaultfs.ops.verify import Subset
+from vaultfs.tools.cmd_deep_verify import StagedProgress, open_vault, render_files
+from vaultfs.tools.common import Output, locked, to_jsonable
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "repair",
+        help="fix a damaged vault (quarantine damaged files, rebuild the index, fix snapshots)",
+        description=__doc__,
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--quarantine",
+        metavar="DIR",
+        help="move damaged files to DIR (outside the vault; default: next to a local vault)",
+    )
+    where.add_argument(
+        "--delete", action="store_true", help="delete damaged files instead of moving them"
+    )
+    p.add_argument(
+        "--salvage",
+        action="store_true",
+        help="rewrite damaged snapshots without the damaged files instead of dropping them",
+    )
+    p.add_argument("--dry-run", action="store_true", help="change nothing; print the plan")
+    p.add_argument(
+        "--rollback-to",
+        metavar="TIME",
+        help="first move away every data, index, snapshot and packindex file written after TIME "
+        '(e.g. "2024-05-06 07:00" local time, or ISO 8601 with a zone), then repair',
+    )
+    p.add_argument(
+        "--read-data",
+        action="store_true",
+        help="read every pack and check every blob, to find blobs damaged inside packs whose files "
+        "hash right (damage done when they were written)",
+    )
+    p.add_argument(
+        "--read-data-subset",
+        metavar="N/T|X%",
+        help="with --read-data implied: read only slice N of T of the packs, or a random X percent",
+    )
+    p.add_argument(
+        "--tag",
+        default=DEFAULT_TAG,
+        metavar="TAG",
+        help=f"tag added to snapshots rewritten by --salvage (default: {DEFAULT_TAG})",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_time(text: str) -> int:
+    """Nanoseconds since the epoch of an ISO 8601 date/time (local time when no zone is given)."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f'invalid time {text!r}: use e.g. "2024-05-06 07:00" or 2024-05-06T07:00:00Z'
+        ) from None
+    return round(when.timestamp() * 1_000_000) * 1000
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+    rollback = parse_time(args.rollback_to) if args.rollback_to else None
+    subset = Subset.parse(args.read_data_subset) if args.read_data_subset else None
+    if not args.tag:
+        raise UsageError("--tag must not be empty")
+    repo = open_vault(args)
+    with locked(repo, exclusive=not args.dry_run), StagedProgress(out) as bar:
+        report = repair(
+            repo,
+            quarantine=args.quarantine,
+            delete=args.delete,
+            salvage=args.salvage,
+            dry_run=args.dry_run,
+            rollback_to=rollback,
+            read_data=args.read_data or subset is not None,
+            subset=subset,
+            tag=args.tag,
+            on_stage=bar.stage,
+            on_advance=bar.advance,
+        )
+    if out.json:
+        doc = {"message_type": "repair", "ok": report.clean}
+        doc.update(to_jsonable(report))
+        out.emit(doc)
+    else:
+        render(report, out)
+    return 0 if report.clean else 1
+
+
+def render(report: RepairReport, out: Output) -> None:
+    if not report.actions:
+        out.line("nothing to repair: the vault is clean")
+        return
+    title = "repair plan (dry run, nothing was changed):" if report.dry_run else "repair:"
+    out.line(title)
+    out.table(
+        ["action", "object", "detail"], [[a.kind, a.object, a.detail] for a in report.actions]
+    )
+    if report.blobs_salvaged:
+        verb = "would be" if report.dry_run else "were"
+        out.line(f"{report.blobs_salvaged} intact blob(s) of damaged packs {verb} salvaged")
+    for loss in report.snapshots:
+        head = f"snapshot {loss.id[:8]}"
+        if loss.time:
+            head += f" ({loss.time}, {loss.hostname}, {', '.join(loss.paths)})"
+        if loss.replaced_by:
+            out.line(f"{head} was replaced by {loss.replaced_by[:8]}, which lacks:")
+        elif loss.lost:
+            out.line(f"{head} is lost entirely")
+            continue
+        else:
+            verb = "would be" if report.dry_run else "was"
+            out.line(f"{head} {verb} dropped; files that were lost with it:")
+        render_files(out, loss.lost_files)
+    if not report.snapshots:
+        out.line("no snapshot lost any file")
+    if report.quarantine and not report.dry_run:
+        out.line(f"damaged files were moved to {report.quarantine}")
+    if report.dry_run:
+        out.line("run without --dry-run to repair")
+    elif report.clean:
+        out.line(f"the vault is clean now ({report.rounds} round(s), {report.seconds:.1f} s)")
+    else:
+        out.line("problems remain that repair cannot fix:")
+        for p in report.remaining:
+            out.line(f"  {p.object}: {p.message} ({p.consequence})")

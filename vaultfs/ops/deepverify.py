@@ -1,0 +1,1082 @@
+"""Deep-verify a vault (password needed): is everything every snapshot needs there and intact?
+
+What is checked, in this order:
+
+1. **keys/**: every key file hashes to its name.
+2. **index/**: every index file loads (hash, MAC, JSON); the union becomes the master index.
+3. **data/**: every indexed pack exists with the size the index implies (blob lengths plus header);
+   files that are not packs are reported.
+4. **pack headers**: the header at the end of every pack (only that tail is read) decrypts, describes
+   exactly the file, and agrees with the index. Packs no index names are listed (rebuild-indexes adds
+   them); blobs they hold still count as present.
+5. **read data** (``read_data``; always for packs whose header or size is wrong, and for ``extra_packs``
+   the caller suspects): whole packs are read, the file must hash to its name and every blob must
+   decrypt, decompress and hash to its ID. This tells exactly which blobs of a damaged pack survive.
+6. **snapshots/**: every snapshot file loads.
+7. **trees**: every tree of every snapshot is read once (tree blobs decrypt and hash right, the JSON
+   decodes) and every data blob a file names must have a usable copy.
+8. **packindex/**: each file loads and names only packs that exist.
+
+The truth about blobs is the pack headers: the index only says where to find them. So a blob counts as
+lost only when no readable pack holds it; an index that is wrong or incomplete is reported as an index
+problem (rebuild-indexes fixes it), not as lost data.
+
+The report names every damaged snapshot and, in it, every affected file or folder by path, and lists
+every damaged file of the vault by folder with its consequence (ARCHITECTURE.md). ``ok`` is False when
+anything is damaged; warnings (packs no index names, data no snapshot uses, stale packindex files) do
+not make it False.
+
+Downloaded pack headers and tree packs go to the local cache (vaultfs/repo/cache.py) when ``cache`` is
+on (the default for remote backends): a later run then reads them locally. With the cache, damage that
+happened to a tree pack in the vault after it was cached is not seen; ``vault verify`` (or ``cache=False``)
+sees it.
+
+Thread safety: ``deep_verify`` is blocking and uses worker threads internally; the Repository may be
+used by other threads meanwhile (this module builds its own index and never changes ``repo``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from vaultfs.backend import Backend, LocalBackend
+from vaultfs.errors import FormatError, ObjectNotFound, VaultError
+from vaultfs.format.gojson import go_unquote
+from vaultfs.format.index import IndexFile
+from vaultfs.format.pack import (
+    COMPRESSED_ENTRY,
+    DATA,
+    PLAIN_ENTRY,
+    TAIL_GUESS,
+    TREE,
+    TYPE_NAMES,
+    PackedBlob,
+    check_blobs_fit,
+    decode_header,
+    header_length_from_tail,
+)
+from vaultfs.format.snapshot import Snapshot
+from vaultfs.format.tree import fs_name
+from vaultfs.ops.verify import CONSEQUENCES, Subset, object_path
+from vaultfs.repo.cache import VaultCache
+from vaultfs.repo.masterindex import BlobLocation, MasterIndex
+from vaultfs.repo.repository import Repository
+
+#: Tree blobs of one pack closer than this are fetched with one read.
+MERGE_GAP = 256 * 1024
+MAX_RANGE = 8 * 1024 * 1024
+SEAL_OVERHEAD = 32
+
+StageCallback = Callable[[str, "int | None", str], None]
+AdvanceCallback = Callable[[int], None]
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing found wrong (or, in ``warnings``, worth knowing).
+
+    ``folder`` is the vault folder it concerns, ``object`` the file (``data/3f/3f…``) or blob
+    (``tree 3f…``), ``kind`` a stable code for scripts, ``message`` the details, ``consequence`` what
+    it means (ARCHITECTURE.md table).
+    """
+
+    folder: str
+    object: str
+    kind: str
+    message: str
+    consequence: str
+
+
+@dataclass(frozen=True)
+class AffectedFile:
+    """A file (or, ending in ``/``, a whole folder) of a snapshot that cannot be restored intact."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class DamagedSnapshot:
+    id: str
+    time: str
+    hostname: str
+    paths: list[str]
+    tags: list[str]
+    #: the root tree is lost: nothing of this snapshot can be restored
+    lost: bool
+    files: list[AffectedFile] = field(default_factory=list)
+
+
+@dataclass
+class DamagedPack:
+    """A pack whose file, header or some blobs are bad. ``bad_blobs`` are ``type:id`` strings;
+    ``good_blobs`` counts blobs that were read and are intact (salvageable)."""
+
+    id: str
+    reasons: list[str]
+    bad_blobs: list[str] = field(default_factory=list)
+    good_blobs: int = 0
+    read: bool = False
+
+
+@dataclass
+class DeepVerifyReport:
+    key_files: int = 0
+    index_files: int = 0
+    packs: int = 0
+    snapshots: int = 0
+    trees: int = 0
+    blobs: int = 0
+    packs_read: int = 0
+    blobs_read: int = 0
+    bytes_read: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    damaged_snapshots: list[DamagedSnapshot] = field(default_factory=list)
+    damaged_packs: list[DamagedPack] = field(default_factory=list)
+    #: packs the index names that are not in data/
+    missing_packs: list[str] = field(default_factory=list)
+    #: valid packs that no index names
+    unindexed_packs: list[str] = field(default_factory=list)
+    #: files in data/ that are not packs (paths relative to the vault)
+    invalid_files: list[str] = field(default_factory=list)
+    unreadable_keys: list[str] = field(default_factory=list)
+    unreadable_index: list[str] = field(default_factory=list)
+    unreadable_snapshots: list[str] = field(default_factory=list)
+    #: the index disagrees with the packs (missing, unindexed or mismatching packs, bad index files)
+    index_needs_rebuild: bool = False
+    #: blobs some snapshot needs that no readable pack holds, as ``type:id``
+    lost_blobs: list[str] = field(default_factory=list)
+    #: packs holding nothing any snapshot uses (only when every tree could be read)
+    unused_packs: list[str] = field(default_factory=list)
+    #: packindex files that are unreadable, stale or name unknown packs
+    bad_packindex: list[str] = field(default_factory=list)
+    read_data: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# -- trees as the walk keeps them -----------------------------------------------------------------
+
+
+class _Tree:
+    """What the walk keeps of one tree: its sub-folders and the damage of its own files."""
+
+    __slots__ = ("subtrees", "damage")
+
+    def __init__(self, subtrees: list[tuple[str, bytes]], damage: list[tuple[str, str]]) -> None:
+        self.subtrees = subtrees  # (quoted name, subtree id)
+        self.damage = damage  # (quoted name, reason)
+
+
+_CLEAN_LEAF = _Tree([], [])
+
+
+def _name(quoted: str) -> str:
+    try:
+        return fs_name(go_unquote(quoted))
+    except FormatError:
+        return quoted
+
+
+# -- the checker ---------------------------------------------------------------------------------
+
+
+class _Checker:
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        read_data: bool,
+        subset: Subset | None,
+        extra_packs: Iterable[str],
+        assume_gone: Iterable[str],
+        cache: bool | None,
+        workers: int | None,
+        on_stage: StageCallback | None,
+        on_advance: AdvanceCallback | None,
+    ) -> None:
+        self.repo = repo
+        self.gone = set(assume_gone)
+        self.backend: Backend = repo.backend
+        inner = getattr(self.backend, "inner", self.backend)
+        self.local = isinstance(inner, LocalBackend)
+        self.read_data = read_data
+        self.subset = subset
+        self.extra_packs = {bytes.fromhex(p) for p in extra_packs}
+        use_cache = (not self.local) if cache is None else cache
+        self.cache = VaultCache(repo.id) if use_cache else None
+        self.io_workers = workers or 8
+        self.cpu_workers = workers or (os.cpu_count() or 1) + 1
+        self._on_stage = on_stage
+        self._on_advance = on_advance
+        self.report = DeepVerifyReport()
+        self.index = MasterIndex()
+        # Header entries the index lacks (unindexed packs, packs the index describes wrongly).
+        self.extra = MasterIndex()
+        # pack -> (blob count, size implied by the index, first index file naming it)
+        self.pack_info: dict[bytes, tuple[int, int, str]] = {}
+        self.present: dict[bytes, int] = {}
+        self.bad_packs: dict[bytes, list[str]] = {}
+        self.header_unreadable: set[bytes] = set()
+        self.bad_locs: dict[tuple[bytes, int, bytes], str] = {}
+        self.good_locs: set[tuple[bytes, int, bytes]] = set()
+        self.pack_bad_blobs: dict[bytes, list[str]] = defaultdict(list)
+        self.pack_good_blobs: dict[bytes, int] = defaultdict(int)
+        self.packs_read: set[bytes] = set()
+        self.lost: dict[tuple[int, bytes], str] = {}
+        self.used_packs: set[bytes] = set()
+        self.needed_unindexed: set[bytes] = set()
+        self.trees: dict[bytes, _Tree | str] = {}
+        self.snapshots: list[tuple[str, Snapshot]] = []
+        self._local = threading.local()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def listing(self, kind: str) -> list[tuple[str, int]]:
+        """The backend's listing without the objects the caller asked to treat as gone."""
+        items = list(self.backend.list(kind))
+        if self.gone:
+            items = [(n, s) for n, s in items if object_path(kind, n) not in self.gone]
+        return items
+
+    def stage(self, name: str, total: int | None = None, unit: str = "items") -> None:
+        if self._on_stage is not None:
+            self._on_stage(name, total, unit)
+
+    def advance(self, n: int = 1) -> None:
+        if self._on_advance is not None:
+            self._on_advance(n)
+
+    def problem(
+        self, folder: str, obj: str, kind: str, message: str, consequence: str = ""
+    ) -> None:
+        self.report.problems.append(
+            Problem(folder, obj, kind, message, consequence or CONSEQUENCES.get(folder, ""))
+        )
+
+    def warning(self, folder: str, obj: str, kind: str, message: str, consequence: str) -> None:
+        self.report.warnings.append(Problem(folder, obj, kind, message, consequence))
+
+    def _unusable(self, pack: bytes, offset: int, blob_id: bytes) -> str | None:
+        """None when this copy of a blob can be used, else why not."""
+        if pack not in self.present:
+            return f"its pack {pack.hex()[:12]} is missing"
+        why = self.bad_locs.get((pack, offset, blob_id))
+        if why is not None:
+            return why
+        reasons = self.bad_packs.get(pack)
+        if reasons and (pack, offset, blob_id) not in self.good_locs:
+            return f"its pack {pack.hex()[:12]} is damaged ({reasons[0]})"
+        return None
+
+    def locate(self, blob_type: int, blob_id: bytes) -> tuple[BlobLocation | None, str]:
+        """A usable copy of a blob, or (None, why there is none)."""
+        loc = self.index.lookup(blob_id, blob_type)
+        if loc is not None and self._unusable(loc.pack_id, loc.offset, blob_id) is None:
+            return loc, ""
+        why = "it is in no index and no pack"
+        for source in (self.index, self.extra):
+            for loc in source.lookup_all(blob_id, blob_type):
+                reason = self._unusable(loc.pack_id, loc.offset, blob_id)
+                if reason is None:
+                    if source is self.extra:
+                        # Found, but only through a pack header: restore cannot find it yet.
+                        self.needed_unindexed.add(loc.pack_id)
+                    return loc, ""
+                why = reason
+        return None, why
+
+    # -- 1. keys --------------------------------------------------------------------------------
+
+    def check_keys(self) -> None:
+        names = [n for n, _ in self.listing("keys")]
+        self.report.key_files = len(names)
+        for name in names:
+            try:
+                ok = hashlib.sha256(self.backend.read("keys", name)).hexdigest() == name
+                why = "its hash does not match its name"
+            except ObjectNotFound:
+                continue
+            except VaultError as exc:
+                ok, why = False, str(exc)
+            if not ok:
+                self.report.unreadable_keys.append(f"keys/{name}")
+                last = len(names) == 1
+                self.problem(
+                    "keys",
+                    f"keys/{name}",
+                    "key-damaged",
+                    f"key file keys/{name} is damaged: {why}",
+                    "the vault cannot be opened: fatal"
+                    if last
+                    else "the password of this key no longer opens the vault; other keys still do",
+                )
+
+    # -- 2. index -------------------------------------------------------------------------------
+
+    def load_index(self) -> None:
+        names = [n for n, _ in self.listing("index")]
+        self.report.index_files = len(names)
+        self.stage("loading index files", len(names))
+
+        def load(name: str) -> IndexFile | VaultError:
+            try:
+                return IndexFile.decode(self.repo.load_unpacked("index", name), f"index/{name}")
+            except VaultError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=self.io_workers) as pool:
+            for name, result in zip(names, pool.map(load, names), strict=True):
+                self.advance()
+                if isinstance(result, ObjectNotFound):
+                    continue  # removed meanwhile (a prune or repair racing us)
+                if isinstance(result, VaultError):
+                    self.report.unreadable_index.append(f"index/{name}")
+                    self.report.index_needs_rebuild = True
+                    self.problem("index", f"index/{name}", "index-damaged", str(result))
+                    continue
+                for pack_id, blobs in result.packs.items():
+                    count = len(blobs)
+                    size = sum(b.length for b in blobs) + SEAL_OVERHEAD + 4
+                    size += sum(COMPRESSED_ENTRY if b.compressed else PLAIN_ENTRY for b in blobs)
+                    seen = self.pack_info.get(pack_id)
+                    if seen is None:
+                        self.pack_info[pack_id] = (count, size, name)
+                    elif seen[:2] != (count, size):
+                        self.report.index_needs_rebuild = True
+                        self.problem(
+                            "index",
+                            f"index/{name}",
+                            "index-conflict",
+                            f"index/{name} and index/{seen[2]} describe pack {pack_id.hex()} "
+                            "differently",
+                        )
+                    self.index.add_pack(
+                        pack_id,
+                        [
+                            (b.id, b.blob_type, b.offset, b.length, b.uncompressed_length)
+                            for b in blobs
+                        ],
+                    )
+        self.report.blobs = len(self.index)
+
+    # -- 3. pack files --------------------------------------------------------------------------
+
+    def list_packs(self) -> None:
+        for name, size in self.listing("data"):
+            try:
+                pack = bytes.fromhex(name)
+                if len(pack) != 32 or name != pack.hex():
+                    raise ValueError(name)
+            except ValueError:
+                path = self._stray_path(name)
+                self.report.invalid_files.append(path)
+                self.problem(
+                    "data",
+                    path,
+                    "not-a-pack",
+                    f"{path} is not named like a pack",
+                    "none for the snapshots (nothing uses it); repair moves it away",
+                )
+                continue
+            self.present[pack] = size
+        self.report.packs = len(self.present)
+        for pack, (_count, expected, index_name) in sorted(self.pack_info.items()):
+            path = object_path("data", pack.hex())
+            size = self.present.get(pack)
+            if size is None:
+                self.report.missing_packs.append(pack.hex())
+                self.report.index_needs_rebuild = True
+                self.problem(
+                    "data",
+                    path,
+                    "pack-missing",
+                    f"{path} is missing (index/{index_name} lists it)",
+                )
+            elif size != expected:
+                self.bad_packs.setdefault(pack, []).append(
+                    f"it has {size} bytes, the index says {expected}"
+                )
+
+    def _stray_path(self, name: str) -> str:
+        """The vault path of a file in data/ that is not named like a pack."""
+        if self.local:
+            root = self.backend.root
+            for sub in sorted(os.listdir(os.path.join(root, "data"))):
+                if os.path.isfile(os.path.join(root, "data", sub, name)):
+                    return f"data/{sub}/{name}"
+        return f"data/{name}"
+
+    # -- 4. pack headers ------------------------------------------------------------------------
+
+    def header(self, pack: bytes, size: int) -> list[PackedBlob]:
+        return read_header(self.repo, pack.hex(), size, self.cache)
+
+    def check_headers(self) -> None:
+        packs = sorted(self.present)
+        self.stage("reading pack headers", len(packs))
+
+        def one(pack: bytes) -> list[PackedBlob] | VaultError:
+            try:
+                return self.header(pack, self.present[pack])
+            except VaultError as exc:
+                return exc
+            finally:
+                self.advance()
+
+        with ThreadPoolExecutor(max_workers=self.io_workers) as pool:
+            for pack, result in zip(packs, pool.map(one, packs), strict=True):
+                self._compare_header(pack, result)
+        for pack, reasons in sorted(self.bad_packs.items()):
+            path = object_path("data", pack.hex())
+            self.problem("data", path, "pack-damaged", f"{path} is damaged: {'; '.join(reasons)}")
+
+    def _compare_header(self, pack: bytes, result: list[PackedBlob] | VaultError) -> None:
+        name = pack.hex()
+        path = object_path("data", name)
+        indexed = pack in self.pack_info
+        if isinstance(result, ObjectNotFound):
+            self.present.pop(pack, None)  # deleted meanwhile
+            return
+        if isinstance(result, VaultError):
+            self.header_unreadable.add(pack)
+            if indexed:
+                self.bad_packs.setdefault(pack, []).append(f"its header is unreadable: {result}")
+            else:
+                self.report.invalid_files.append(path)
+                self.problem(
+                    "data",
+                    path,
+                    "not-a-pack",
+                    f"{path} is not a valid pack ({result}) and no index names it",
+                    "none for the snapshots (nothing uses it); repair moves it away",
+                )
+            return
+        entries = [(b.id, b.blob_type, b.offset, b.length, b.uncompressed_length) for b in result]
+        if not indexed:
+            self.extra.add_pack(pack, entries)
+            self.report.unindexed_packs.append(name)
+            self.report.index_needs_rebuild = True
+            self.warning(
+                "data",
+                path,
+                "pack-unindexed",
+                f"{path} ({len(result)} blobs) is in no index",
+                "its blobs are still found; rebuild-indexes adds it, prune removes it if unused",
+            )
+            return
+        unlisted = []
+        for b in result:
+            if not any(
+                loc.pack_id == pack
+                and loc.offset == b.offset
+                and loc.length == b.length
+                and loc.uncompressed_length == b.uncompressed_length
+                for loc in self.index.lookup_all(b.id, b.blob_type)
+            ):
+                unlisted.append((b.id, b.blob_type, b.offset, b.length, b.uncompressed_length))
+        if not unlisted and self.pack_info[pack][0] == len(result):
+            return
+        if unlisted:
+            self.extra.add_pack(pack, unlisted)
+        in_header = {(b.id, b.blob_type, b.offset, b.length) for b in result}
+        for loc in self.index.blobs_in_pack(pack):
+            if (loc.blob_id, loc.blob_type, loc.offset, loc.length) not in in_header:
+                self.bad_locs[(pack, loc.offset, loc.blob_id)] = (
+                    f"the index places it in pack {name[:12]}, whose header does not list it"
+                )
+        self.report.index_needs_rebuild = True
+        self.problem(
+            "index",
+            path,
+            "index-mismatch",
+            f"the index and the header of pack {name} disagree "
+            f"({len(unlisted)} blobs of the header are not indexed as stored)",
+        )
+
+    # -- 5. read data ---------------------------------------------------------------------------
+
+    def _buffer(self, size: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = bytearray(max(size, 16 * 1024 * 1024 + 65536))
+        return memoryview(buf)[:size]
+
+    def _read_whole(self, pack: bytes) -> memoryview:
+        name = pack.hex()
+        if self.local:
+            path = self.backend.path("data", name)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                view = self._buffer(size)
+                got = 0
+                while got < size:
+                    n = os.preadv(fd, [view[got:]], got)
+                    if n == 0:
+                        break
+                    got += n
+                return view[:got]
+            except OSError as exc:
+                raise VaultError(f"cannot read data/{name[:2]}/{name}: {exc.strerror}") from None
+            finally:
+                os.close(fd)
+        return memoryview(self.backend.read("data", name))
+
+    def _read_pack(self, pack: bytes) -> tuple[bool, list[tuple[PackedBlob, str | None]], int]:
+        """(file hash right, [(blob, None or why bad)], bytes read) for one whole pack."""
+        name = pack.hex()
+        view = self._read_whole(pack)
+        size = len(view)
+        file_ok = hashlib.sha256(view).hexdigest() == name
+        try:
+            blobs = parse_header(self.repo, view, size, name)
+        except VaultError:
+            # Without a header, the index still says where the blobs should be.
+            blobs = [
+                PackedBlob(
+                    loc.blob_type, loc.offset, loc.length, loc.uncompressed_length, loc.blob_id
+                )
+                for loc in self.index.blobs_in_pack(pack)
+            ]
+        results = check_blobs(self.repo, pack, view, blobs)
+        self.advance(size)
+        return file_ok, results, size
+
+    def read_packs(self) -> None:
+        targets = {p for p in self.bad_packs if p in self.present}
+        targets |= self.extra_packs & self.present.keys()
+        if self.read_data:
+            for pack in self.present:
+                if pack in self.header_unreadable and pack not in self.pack_info:
+                    continue  # not a pack at all; reported already
+                if self.subset is None or self.subset.selects(pack.hex()):
+                    targets.add(pack)
+        if not targets:
+            return
+        packs = sorted(targets)
+        self.stage("reading packs", sum(self.present[p] for p in packs), "bytes")
+        with ThreadPoolExecutor(max_workers=self.cpu_workers) as pool:
+            for pack, outcome in zip(packs, pool.map(self._read_one, packs), strict=True):
+                if isinstance(outcome, ObjectNotFound):
+                    continue
+                path = object_path("data", pack.hex())
+                if isinstance(outcome, VaultError):
+                    self.bad_packs.setdefault(pack, []).append(f"it cannot be read: {outcome}")
+                    self.problem("data", path, "pack-unreadable", f"{path}: {outcome}")
+                    continue
+                file_ok, results, size = outcome
+                self.packs_read.add(pack)
+                self.report.packs_read += 1
+                self.report.bytes_read += size
+                self.report.blobs_read += len(results)
+                newly_bad = not file_ok and pack not in self.bad_packs
+                if not file_ok:
+                    self.bad_packs.setdefault(pack, []).append(
+                        "its content does not hash to its name"
+                    )
+                bad = []
+                for b, why in results:
+                    key = (pack, b.offset, b.id)
+                    if why is None:
+                        self.good_locs.add(key)
+                        self.pack_good_blobs[pack] += 1
+                    else:
+                        self.bad_locs[key] = f"it is damaged in pack {pack.hex()[:12]} ({why})"
+                        bad.append(f"{TYPE_NAMES[b.blob_type]}:{b.id.hex()}")
+                self.pack_bad_blobs[pack] += bad
+                if bad and pack not in self.bad_packs:
+                    self.bad_packs[pack] = [f"{len(bad)} blob(s) do not decrypt or hash right"]
+                    newly_bad = True
+                if newly_bad:
+                    self.problem(
+                        "data",
+                        path,
+                        "pack-damaged",
+                        f"{path} is damaged: {'; '.join(self.bad_packs[pack])}",
+                    )
+
+    def _read_one(self, pack: bytes) -> tuple[bool, list, int] | VaultError:
+        try:
+            return self._read_pack(pack)
+        except VaultError as exc:
+            return exc
+
+    # -- 6. snapshots ---------------------------------------------------------------------------
+
+    def load_snapshots(self) -> None:
+        names = [n for n, _ in self.listing("snapshots")]
+        self.report.snapshots = len(names)
+
+        def load(name: str) -> tuple[str, Snapshot] | VaultError:
+            try:
+                return name, self.repo.load_snapshot(name)
+            except VaultError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=self.io_workers) as pool:
+            for name, result in zip(names, pool.map(load, names), strict=True):
+                if isinstance(result, ObjectNotFound):
+                    continue
+                if isinstance(result, VaultError):
+                    self.report.unreadable_snapshots.append(f"snapshots/{name}")
+                    self.problem("snapshots", f"snapshots/{name}", "snapshot-damaged", str(result))
+                else:
+                    self.snapshots.append(result)
+        self.snapshots.sort(key=lambda item: (item[1].time.ns, item[0]))
+
+    # -- 7. trees -------------------------------------------------------------------------------
+
+    def data_missing(self, blob_id: bytes) -> str | None:
+        loc = self.index.lookup(blob_id, DATA)
+        if loc is not None and self._unusable(loc.pack_id, loc.offset, blob_id) is None:
+            self.used_packs.add(loc.pack_id)
+            return None
+        known = self.lost.get((DATA, blob_id))
+        if known is not None:
+            return known
+        loc, why = self.locate(DATA, blob_id)
+        if loc is not None:
+            self.used_packs.add(loc.pack_id)
+            return None
+        reason = f"data blob {blob_id.hex()[:12]} is lost: {why}"
+        self.lost[(DATA, blob_id)] = reason
+        return reason
+
+    def parse_tree(self, plain: bytes, what: str) -> _Tree:
+        try:
+            nodes = json.loads(plain)["nodes"] or []
+            subtrees: list[tuple[str, bytes]] = []
+            damage: list[tuple[str, str]] = []
+            for node in nodes:
+                kind = node["type"]
+                if kind == "dir":
+                    sub = node.get("subtree")
+                    if sub is None:
+                        damage.append((node["name"] + "/", "the folder has no subtree"))
+                    else:
+                        subtrees.append((node["name"], _id(sub)))
+                elif kind == "file":
+                    for content in node.get("content") or ():
+                        why = self.data_missing(_id(content))
+                        if why is not None:
+                            damage.append((node["name"], why))
+                            break
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FormatError(f"{what} is not a valid tree ({exc})") from None
+        if not subtrees and not damage:
+            return _CLEAN_LEAF
+        return _Tree(subtrees, damage)
+
+    def _fetch(self, pack: bytes, locs: list[BlobLocation]) -> list[tuple[BlobLocation, object]]:
+        """Read and decode the tree blobs ``locs`` of one pack; each result is a _Tree or error."""
+        out: list[tuple[BlobLocation, object]] = []
+        name = pack.hex()
+        whole = None
+        if self.cache is not None:
+            whole = self.cache.load_pack(name)
+            if whole is None:
+                try:
+                    whole = self.backend.read("data", name)
+                    self.cache.save_pack(name, whole)
+                except VaultError as exc:
+                    return [(loc, exc) for loc in locs]
+        locs = sorted(locs, key=lambda loc: loc.offset)
+        for group in _ranges(locs):
+            start = group[0].offset
+            end = max(loc.offset + loc.length for loc in group)
+            try:
+                if whole is not None:
+                    if end > len(whole):
+                        raise FormatError(f"pack {name} is shorter than the index says")
+                    data = memoryview(whole)[start:end]
+                else:
+                    data = memoryview(self.backend.read("data", name, start, end - start))
+            except VaultError as exc:
+                out += [(loc, exc) for loc in group]
+                continue
+            for loc in group:
+                what = f"tree {loc.blob_id.hex()}"
+                try:
+                    sealed = data[loc.offset - start : loc.offset - start + loc.length]
+                    plain = self.repo.decode_blob(loc, sealed, what)
+                    out.append((loc, self.parse_tree(plain, what)))
+                except VaultError as exc:
+                    out.append((loc, exc))
+        return out
+
+    def load_trees(self) -> None:
+        todo = {snap.tree for _sid, snap in self.snapshots}
+        self.stage("reading trees", None)
+        with ThreadPoolExecutor(max_workers=self.io_workers) as pool:
+            while todo:
+                by_pack: dict[bytes, list[BlobLocation]] = defaultdict(list)
+                for tree_id in todo:
+                    loc, why = self.locate(TREE, tree_id)
+                    if loc is None:
+                        self.trees[tree_id] = why
+                        self.lost[(TREE, tree_id)] = why
+                    else:
+                        by_pack[loc.pack_id].append(loc)
+                todo = set()
+                jobs = [pool.submit(self._fetch, p, locs) for p, locs in by_pack.items()]
+                for job in jobs:
+                    for loc, result in job.result():
+                        tree_id = loc.blob_id
+                        if isinstance(result, VaultError):
+                            self.bad_locs[(loc.pack_id, loc.offset, tree_id)] = (
+                                f"it is damaged in pack {loc.pack_id.hex()[:12]} ({_blob_problem(result)})"
+                            )
+                            todo.add(tree_id)  # try another copy, if there is one
+                            continue
+                        assert isinstance(result, _Tree)
+                        self.trees[tree_id] = result
+                        self.used_packs.add(loc.pack_id)
+                        self.advance()
+                        for _, sub in result.subtrees:
+                            if sub not in self.trees:
+                                todo.add(sub)
+                todo -= self.trees.keys()
+        self.report.trees = sum(1 for t in self.trees.values() if isinstance(t, _Tree))
+        for tree_id, info in self.trees.items():
+            if isinstance(info, str):
+                self.problem("data", f"tree {tree_id.hex()}", "tree-lost", f"tree blob {info}")
+
+    def damage_of(self, memo: dict[bytes, tuple[tuple[str, str], ...]], root: bytes) -> None:
+        """Fill ``memo[tree]`` with the (path, reason) damage below each tree reachable from root."""
+        busy: set[bytes] = set()
+        stack: list[tuple[bytes, bool]] = [(root, False)]
+        while stack:
+            tree_id, expanded = stack.pop()
+            if tree_id in memo:
+                continue
+            info = self.trees.get(tree_id)
+            assert isinstance(info, _Tree)
+            if not expanded:
+                busy.add(tree_id)
+                stack.append((tree_id, True))
+                for _n, sub in info.subtrees:
+                    if (
+                        sub not in memo
+                        and sub not in busy
+                        and isinstance(self.trees.get(sub), _Tree)
+                    ):
+                        stack.append((sub, False))
+                continue
+            busy.discard(tree_id)
+            if info is _CLEAN_LEAF:
+                memo[tree_id] = ()
+                continue
+            out = [(_name(n), why) for n, why in info.damage]
+            for quoted, sub in info.subtrees:
+                name = _name(quoted)
+                sub_info = self.trees.get(sub)
+                if isinstance(sub_info, str):
+                    out.append(
+                        (name + "/", f"the folder is lost: tree {sub.hex()[:12]} {sub_info}")
+                    )
+                elif sub not in memo:
+                    out.append((name + "/", "the folder contains itself (a tree cycle)"))
+                else:
+                    out += [(f"{name}/{path}", why) for path, why in memo[sub]]
+            memo[tree_id] = tuple(out)
+
+    def classify(self) -> None:
+        memo: dict[bytes, tuple[tuple[str, str], ...]] = {}
+        for sid, snap in self.snapshots:
+            root = self.trees.get(snap.tree)
+            files: list[AffectedFile] = []
+            lost = not isinstance(root, _Tree)
+            if not lost:
+                self.damage_of(memo, snap.tree)
+                files = [AffectedFile("/" + p, why) for p, why in memo[snap.tree]]
+            if lost or files:
+                self.report.damaged_snapshots.append(
+                    DamagedSnapshot(
+                        sid,
+                        snap.time.format(),
+                        snap.hostname,
+                        list(snap.paths),
+                        list(snap.tags),
+                        lost,
+                        files,
+                    )
+                )
+        for damaged in self.report.damaged_snapshots:
+            what = (
+                "is lost entirely (its root tree cannot be read)"
+                if damaged.lost
+                else f"has {len(damaged.files)} damaged file(s) or folder(s)"
+            )
+            self.problem(
+                "snapshots",
+                f"snapshots/{damaged.id}",
+                "snapshot-damaged",
+                f"snapshot {damaged.id[:8]} ({damaged.time}, {', '.join(damaged.paths)}) {what}",
+                "those files cannot be restored from this snapshot",
+            )
+        if self.needed_unindexed:
+            self.report.index_needs_rebuild = True
+            self.problem(
+                "index",
+                "index/",
+                "index-incomplete",
+                f"snapshots need blobs that no index lists where they are (they are in "
+                f"{len(self.needed_unindexed)} pack(s): "
+                + ", ".join(sorted(p.hex()[:12] for p in self.needed_unindexed)[:5])
+                + ("..." if len(self.needed_unindexed) > 5 else "")
+                + "); restore cannot find them until `vault rebuild-indexes`",
+            )
+        self.report.lost_blobs = sorted(f"{TYPE_NAMES[t]}:{i.hex()}" for t, i in self.lost)
+        data_lost = sum(1 for t, _i in self.lost if t == DATA)
+        if data_lost:
+            self.problem(
+                "data",
+                "data/",
+                "blobs-lost",
+                f"{data_lost} data blob(s) that snapshots need are in no readable pack",
+            )
+
+    # -- 8. packindex ---------------------------------------------------------------------------
+
+    def check_packindex(self) -> None:
+        from vaultfs.ops.rebuild import decode_packindex
+
+        known = {sid for sid, _ in self.snapshots} | {
+            p.removeprefix("snapshots/") for p in self.report.unreadable_snapshots
+        }
+        for name, _size in self.listing("packindex"):
+            path = f"packindex/{name}"
+            try:
+                raw = self.backend.read("packindex", name)
+                if hashlib.sha256(raw).hexdigest() != name:
+                    raise FormatError(f"{path} is corrupt (its hash does not match its name)")
+                snap, packs = decode_packindex(self.repo.key, raw, path)
+            except ObjectNotFound:
+                continue
+            except VaultError as exc:
+                self.report.bad_packindex.append(name)
+                self.problem("packindex", path, "packindex-damaged", str(exc))
+                continue
+            unknown = [p for p in packs if p not in self.present]
+            if unknown:
+                self.report.bad_packindex.append(name)
+                self.problem(
+                    "packindex",
+                    path,
+                    "packindex-unknown-pack",
+                    f"packindex {name[:12]} for snapshot {snap.hex()[:8]} refers to unknown pack "
+                    f"{unknown[0].hex()}"
+                    + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""),
+                )
+            elif snap.hex() not in known:
+                self.report.bad_packindex.append(name)
+                self.warning(
+                    "packindex",
+                    path,
+                    "packindex-stale",
+                    f"packindex {name[:12]} belongs to snapshot {snap.hex()}, which does not exist "
+                    "(forgotten or deleted)",
+                    CONSEQUENCES["packindex"],
+                )
+
+    # -- the rest -------------------------------------------------------------------------------
+
+    def unused(self) -> None:
+        if any(isinstance(t, str) for t in self.trees.values()) or self.report.unreadable_snapshots:
+            return  # usage is unknown when some trees or snapshots cannot be read
+        unused = sorted(p for p in self.pack_info if p in self.present and p not in self.used_packs)
+        unused += sorted(p for p in self.extra.pack_ids() if p not in self.used_packs)
+        self.report.unused_packs = [p.hex() for p in unused]
+        if unused:
+            total = sum(self.present.get(p, 0) for p in unused)
+            self.warning(
+                "data",
+                "data/",
+                "packs-unused",
+                f"{len(unused)} pack(s) ({total / 1048576:.1f} MiB) hold only data no snapshot uses",
+                "`vault prune` removes them (expected after forget, a lost snapshot or a repair)",
+            )
+
+    def damaged_packs(self) -> None:
+        for pack in sorted(set(self.bad_packs) | {p for p, b in self.pack_bad_blobs.items() if b}):
+            self.report.damaged_packs.append(
+                DamagedPack(
+                    pack.hex(),
+                    list(self.bad_packs.get(pack, [])),
+                    list(self.pack_bad_blobs.get(pack, [])),
+                    self.pack_good_blobs.get(pack, 0),
+                    pack in self.packs_read,
+                )
+            )
+
+    def run(self) -> DeepVerifyReport:
+        started = time.monotonic()
+        self.report.read_data = (
+            "" if not self.read_data else str(self.subset) if self.subset else "all"
+        )
+        self.check_keys()
+        self.load_index()
+        self.list_packs()
+        self.check_headers()
+        self.read_packs()
+        self.load_snapshots()
+        self.load_trees()
+        self.classify()
+        self.check_packindex()
+        self.unused()
+        self.damaged_packs()
+        if self.cache is not None:
+            self.cache.forget_except(p.hex() for p in self.present)
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+
+def read_tail(repo: Repository, name: str, size: int, cache: VaultCache | None = None) -> bytes:
+    """The sealed header plus the 4-byte length at the end of pack ``name`` (``size`` bytes), read
+    with one small read in the common case (from ``cache`` when it has it)."""
+    if cache is not None:
+        cached = cache.load_header(name, size)
+        if cached is not None:
+            return cached
+    length = min(size, TAIL_GUESS)
+    tail = repo.backend.read("data", name, size - length, length)
+    hlen = header_length_from_tail(tail, size, f"pack {name}")
+    if hlen + 4 > len(tail):
+        tail = repo.backend.read("data", name, size - hlen - 4, hlen + 4)
+    tail = tail[len(tail) - hlen - 4 :]
+    if cache is not None:
+        cache.save_header(name, size, tail)
+    return tail
+
+
+def parse_header(
+    repo: Repository, tail: bytes | memoryview, size: int, name: str
+) -> list[PackedBlob]:
+    """Decrypt and decode a pack header from the end of ``tail`` (the tail or the whole pack) and
+    check that it describes a file of exactly ``size`` bytes. Raises FormatError/IntegrityError."""
+    what = f"header of pack {name}"
+    hlen = header_length_from_tail(tail[-4:], size, f"pack {name}")
+    if hlen + 4 > len(tail):
+        raise FormatError(f"pack {name} is shorter than its header length says")
+    end = len(tail) - 4
+    plain = repo.key.open(tail[end - hlen : end], what)
+    blobs = decode_header(plain, repo.version, what)
+    check_blobs_fit(blobs, hlen, size, what)
+    return blobs
+
+
+def read_header(
+    repo: Repository, name: str, size: int, cache: VaultCache | None = None
+) -> list[PackedBlob]:
+    """The header entries of pack ``name``, reading only its tail."""
+    return parse_header(repo, read_tail(repo, name, size, cache), size, name)
+
+
+def check_blobs(
+    repo: Repository, pack: bytes, data: bytes | memoryview, blobs: list[PackedBlob]
+) -> list[tuple[PackedBlob, str | None]]:
+    """Decrypt, decompress and hash every blob of a whole pack ``data``: [(blob, None or why bad)]."""
+    view = memoryview(data)
+    size = len(view)
+    results: list[tuple[PackedBlob, str | None]] = []
+    for b in blobs:
+        if b.offset + b.length > size:
+            results.append((b, "the pack ends before this blob"))
+            continue
+        loc = BlobLocation(b.id, b.blob_type, pack, b.offset, b.length, b.uncompressed_length)
+        try:
+            repo.decode_blob(loc, view[b.offset : b.offset + b.length])
+            results.append((b, None))
+        except VaultError as exc:
+            results.append((b, _blob_problem(exc)))
+    return results
+
+
+def _id(text: str) -> bytes:
+    raw = bytes.fromhex(text)
+    if len(raw) != 32:
+        raise ValueError(f"ID {text!r} has the wrong length")
+    return raw
+
+
+def _blob_problem(exc: BaseException) -> str:
+    """A short reason for a blob that does not decode (the blob and pack are named elsewhere)."""
+    text = str(exc)
+    if "failed authentication" in text:
+        return "it fails authentication"
+    if "does not match its ID" in text:
+        return "its content does not match its ID"
+    if "decompress" in text:
+        return "it does not decompress"
+    return _short(exc)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _ranges(locs: list[BlobLocation]) -> Iterator[list[BlobLocation]]:
+    """Group offset-sorted blobs into reads: neighbours closer than MERGE_GAP, at most MAX_RANGE."""
+    group: list[BlobLocation] = []
+    for loc in locs:
+        if group:
+            start = group[0].offset
+            end = max(g.offset + g.length for g in group)
+            if loc.offset - end > MERGE_GAP or loc.offset + loc.length - start > MAX_RANGE:
+                yield group
+                group = []
+        group.append(loc)
+    if group:
+        yield group
+
+
+def deep_verify(
+    repo: Repository,
+    *,
+    read_data: bool = False,
+    subset: Subset | None = None,
+    extra_packs: Iterable[str] = (),
+    assume_gone: Iterable[str] = (),
+    cache: bool | None = None,
+    workers: int | None = None,
+    on_stage: StageCallback | None = None,
+    on_advance: AdvanceCallback | None = None,
+) -> DeepVerifyReport:
+    """Check the whole vault; see the module docstring. Never changes the vault.
+
+    ``read_data`` reads every pack (or the ``subset`` of them) and checks every blob; ``extra_packs``
+    (hex ids) are read in any case. ``assume_gone`` (vault paths such as ``index/…``) are treated as
+    absent: what a repair would see after removing them. ``cache`` None means: use the local cache for remote backends only.
+    ``on_stage(name, total, unit)`` announces each phase, ``on_advance(n)`` reports progress in it
+    (from worker threads). Raises only for errors that stop the whole check (the backend cannot be
+    listed); everything found wrong is in the report.
+    """
+    checker = _Checker(
+        repo,
+        read_data=read_data,
+        subset=subset,
+        extra_packs=extra_packs,
+        assume_gone=assume_gone,
+        cache=cache,
+        workers=workers,
+        on_stage=on_stage,
+        on_advance=on_advance,
+    )
+    return checker.run()
