@@ -144,7 +144,7 @@ def render(report: RepairReport, out: Output) -> None:
         else:
             verb = "would be" if report.dry_run else "was"
             out.line(f"{head} {verb} dropped; files that were lost with it:")
-        render_files(out, loss.lost_files)
+        render_files(out, loss.files)
     if not report.snapshots:
         out.line("no snapshot lost any file")
     if report.quarantine and not report.dry_run:

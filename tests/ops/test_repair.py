@@ -78,7 +78,7 @@ def test_flipped_bit_in_a_pack_salvage(vault_copy):
     assert (v.tmp / "quarantine" / path).exists()
     losses = {s.id: s for s in result.snapshots}
     assert set(losses) == {v.ids["a"], v.ids["c"]}
-    assert all([f.path for f in s.lost_files] == ["/src/a/f2"] for s in losses.values())
+    assert all([f.path for f in s.files] == ["/src/a/f2"] for s in losses.values())
     assert_clean(v)
     snaps = snapshots(v)
     assert len(snaps) == 3 and v.ids["b"] in snaps
@@ -270,12 +270,12 @@ def test_dry_run_changes_nothing_and_prints_the_plan(vault_copy):
     plan = run_repair(v, dry_run=True, salvage=True)
     assert not plan.clean and listing() == before
     assert {a.kind for a in plan.actions} >= {"salvage-pack", "quarantine", "rewrite-snapshot"}
-    assert [(s.id, [f.path for f in s.lost_files]) for s in plan.snapshots] == [
+    assert [(s.id, [f.path for f in s.files]) for s in plan.snapshots] == [
         (v.ids["c"], ["/src/a/n.txt"])
     ]
     out = vault("-r", v.path, "repair", "--dry-run", "--json", password=PASSWORD, expect=1).out
     doc = json.loads(out)
-    assert doc["dry_run"] and doc["snapshots"][0]["lost_files"][0]["path"] == "/src/a/n.txt"
+    assert doc["dry_run"] and doc["snapshots"][0]["files"][0]["path"] == "/src/a/n.txt"
     assert any(a["object"] == f"data/{pack[:2]}/{pack}" for a in doc["actions"])
     assert listing() == before
     assert not (v.tmp / "quarantine").exists()

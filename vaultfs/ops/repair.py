@@ -44,7 +44,7 @@ from vaultfs.errors import ObjectNotFound, UsageError, VaultError
 from vaultfs.format.pack import PackedBlob
 from vaultfs.format.tree import Node
 from vaultfs.ops.deepverify import (
-    AffectedFile,
+    DamagedSnapshot,
     DeepVerifyReport,
     Problem,
     check_blobs,
@@ -79,17 +79,10 @@ class Action:
 
 
 @dataclass
-class SnapshotLoss:
-    """A snapshot that lost data: dropped, or (``replaced_by``) rewritten without the lost files."""
+class SnapshotLoss(DamagedSnapshot):
+    """A snapshot that lost the ``files`` it lists: dropped, or (``replaced_by``) rewritten without
+    them. ``lost`` means nothing of it could be read (root tree lost, or its file corrupt)."""
 
-    id: str
-    time: str
-    hostname: str
-    paths: list[str]
-    tags: list[str]
-    #: nothing of it could be read (its root tree is lost, or its file is corrupt)
-    lost: bool
-    lost_files: list[AffectedFile] = field(default_factory=list)
     replaced_by: str | None = None
 
 
@@ -414,13 +407,7 @@ class _Repair:
             self.repo.load_index(on_error=lambda _exc: None)
         for damaged in found.damaged_snapshots:
             loss = SnapshotLoss(
-                damaged.id,
-                damaged.time,
-                damaged.hostname,
-                damaged.paths,
-                damaged.tags,
-                damaged.lost,
-                list(damaged.files),
+                **{f.name: getattr(damaged, f.name) for f in dataclasses.fields(damaged)}
             )
             self.report.snapshots.append(loss)
             path = f"snapshots/{damaged.id}"
