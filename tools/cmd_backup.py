@@ -29,6 +29,8 @@ skipped item as an "error" line, and the result as a final "summary" line.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import sys
 import threading
 from datetime import datetime
@@ -161,9 +163,32 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _tune_malloc() -> None:
+    """Keep glibc from hoarding the memory the backup's buffers pass through.
+
+    A backup's threads allocate and free multi-MiB buffers (compressed and sealed chunks, packs) all
+    the time. By default glibc gives each thread an arena of its own, raises its mmap threshold to the
+    largest block freed so far (up to 32 MiB) and keeps freed heap memory: together about 80 MB of
+    resident memory doing nothing (measured on a 1 GiB backup: 217 MB peak instead of 138 MB). With
+    one arena and blocks of 512 KiB and more mapped and unmapped directly, freed memory goes back at
+    once; the extra page faults did not measurably cost time. A no-op without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
+    mallopt(m_arena_max, 1)
+    mallopt(m_mmap_threshold, 512 * 1024)
+
+
 def run(args: argparse.Namespace, out: Output) -> int:
     if args.read_concurrency < 1 or args.workers < 1:
         raise UsageError("--read-concurrency and --workers must be at least 1")
+    _tune_malloc()
+    # The backup makes millions of short-lived objects but no reference cycles worth collecting; the
+    # cyclic collector's passes over them only cost time in this short-lived process.
+    gc.disable()
     when = parse_time(args.time) if args.time else None
     repo = open_repository(args)
     write = threading.Lock()  # progress and problems arrive from several threads
