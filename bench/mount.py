@@ -23,12 +23,17 @@ The table shows the best of the repeats and the ratio vaultfs / restic against t
 find <= 0.5x restic's time, dd >= 3x restic's speed (time <= 0.33x), tar >= 2x (time <= 0.5x), mount
 process peak RSS <= 0.5x, and dd through the mount <= 1.5x the time of restoring that file.
 
+Start-up is measured on a second, tiny vault holding ``--snapshots`` (1000) snapshots: the time to read
+every snapshot file and build the folder layout once the index is loaded (target: under a second), and
+the time from starting `vault mount` to a full listing of snapshots/.
+
 ``SCENARIOS`` holds the three steps in bench/compare.py's form, so compare.py can run them after its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -41,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import VAULT, Bench, Measurement  # noqa: E402
+from compare import PASSWORD, VAULT, Bench, Measurement  # noqa: E402
 
 #: How long a mount may take to appear or to go away.
 DEADLINE = 120.0
@@ -215,6 +220,84 @@ def render(
     return "\n".join(lines)
 
 
+# Builds a vault with many snapshots of one small folder, then times what a mount does after the index
+# is loaded: read every snapshot file and compute the folder layout. Runs in the venv's Python.
+_MANY_SNAPSHOTS = r"""
+import dataclasses, json, sys, time
+from vaultfs.backend import open_backend
+from vaultfs.format.gojson import GoTime
+from vaultfs.fuse.catalog import Catalog
+from vaultfs.fuse.layout import build_layout
+from vaultfs.repo.repository import Repository
+
+path, password, count = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+repo = Repository.open(open_backend(path), password)
+snaps = repo.list_snapshots()
+sid, snap = snaps[0]
+for i in range(len(snaps), count):
+    repo.save_snapshot(dataclasses.replace(
+        snap, time=GoTime(snap.time.ns - i * 3_600_000_000_000, 0), hostname=f"host{i % 7}",
+        tags=[f"tag{i % 13}"] if i % 2 else []))
+catalog = Catalog(repo)
+t0 = time.perf_counter()
+# the steps of Catalog.load_sync, timed apart
+names = {n for n, _ in repo.backend.list("index")}
+repo.load_index()
+catalog._index_names = names
+t1 = time.perf_counter()
+catalog.refresh_sync()
+layout = build_layout(catalog.listing())
+t2 = time.perf_counter()
+print(json.dumps({"index": t1 - t0, "after_index": t2 - t1, "snapshots": len(catalog.snapshots)}))
+"""
+
+
+def many_snapshots(bench: Bench, count: int = 1000) -> dict[str, float]:
+    """Time the start of a mount of a vault with ``count`` snapshots (best of 3 each)."""
+    vault = bench.work / f"vault-{count}"
+    src = bench.work / "tiny"
+    if not (vault / "config").exists():
+        shutil.rmtree(vault, ignore_errors=True)
+        src.mkdir(exist_ok=True)
+        (src / "file").write_text("one small file\n")
+        bench.run([*VAULT, "-r", str(vault), "init"])
+        bench.run([*VAULT, "-r", str(vault), "backup", "-q", str(src)])
+    python = VAULT[0]
+    best: dict[str, float] = {}
+    for _ in range(3):
+        out = subprocess.run(
+            [python, "-c", _MANY_SNAPSHOTS, str(vault), PASSWORD, str(count)],
+            env=bench.env(),
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        doc = json.loads(out)
+        assert doc["snapshots"] == count, doc
+        mnt = bench.work / "mnt-many"
+        mnt.mkdir(exist_ok=True)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [*VAULT, "-r", str(vault), "mount", str(mnt)],
+            env=bench.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while not (os.path.ismount(mnt) and len(os.listdir(mnt / "snapshots")) == count + 1):
+                if proc.poll() is not None or time.monotonic() - started > DEADLINE:
+                    raise RuntimeError("vault mount of the many-snapshot vault did not come up")
+                time.sleep(0.01)
+            doc["listed"] = time.monotonic() - started
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+        for key in ("index", "after_index", "listed"):
+            best[key] = min(best.get(key, float("inf")), doc[key])
+    return best
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--restic", default=shutil.which("restic") or "restic", help="restic binary")
     ap.add_argument("--cache-size", type=int, help="vault mount --cache-size (MiB)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--snapshots", type=int, default=1000, help="snapshots in the start-up test vault"
+    )
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="vaultfs-bench-mount-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -237,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.state["vault mount args"] = ["--cache-size", str(args.cache_size)]
     rows: dict[str, list[tuple[Measurement, Measurement]]] = {n: [] for n, _f, _t in SCENARIOS}
     restores: list[Measurement] = []
+    start: dict[str, float] = {}
     try:
+        print(f"start-up with {args.snapshots} snapshots", file=sys.stderr, flush=True)
+        start = many_snapshots(bench, args.snapshots)
         print("backing up (not timed)", file=sys.stderr, flush=True)
         prepare(bench)
         for rnd in range(args.repeat):
@@ -263,6 +352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"dataset {args.dataset}, best of {args.repeat}, {os.cpu_count()} CPUs")
     print(render(rows, restores))
+    print()
+    print(f"| start of `vault mount` with {args.snapshots} snapshots (best of 3) | s | target |")
+    print("|---|---|---|")
+    print(
+        f"| read every snapshot file and build the folders, after the index is loaded | "
+        f"{start['after_index']:.2f} | < 1 |"
+    )
+    print(f"| load the index | {start['index']:.2f} | - |")
+    print(
+        f"| process start to a full listing of snapshots/ (imports, key derivation, index) | "
+        f"{start['listed']:.2f} | - |"
+    )
     return 0
 
 

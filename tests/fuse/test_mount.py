@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.conftest import DEADLINE, Mounter
+from tests.helpers.ci import unavailable
 from tests.helpers.env import env_for
 from tests.helpers.restic import (
     MAIN_HOST,
@@ -142,6 +143,28 @@ def test_posix_details(mounter: Mounter, restic_repo_v2: ResticRepo) -> None:
             assert f.read(100_000) == source[offset : offset + 100_000]
 
 
+def test_inodes_forgotten_by_the_kernel_come_back(
+    mounter: Mounter, restic_repo_v2: ResticRepo
+) -> None:
+    if os.geteuid() != 0:
+        unavailable("dropping the kernel's dentry and inode caches needs root")
+    m = mounter.mount(restic_repo_v2.path, restic_repo_v2.password, "--no-lock")
+    root = m.mnt / "snapshots" / "latest"
+    first = scan_tree(root)
+    numbers = os.stat(root / "hardlinks/first").st_ino
+    # The kernel evicts every unused dentry and inode and sends FORGET for them; the mount drops
+    # those inodes and must hand out fresh ones (numbers are never reused) for the same entries.
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    assert os.stat(root / "hardlinks/first").st_ino != numbers
+    assert (
+        os.stat(root / "hardlinks-elsewhere/third").st_ino
+        == os.stat(root / "hardlinks/first").st_ino
+    )
+    assert_same_tree(first, scan_tree(root), owners=True)
+
+
 def test_single_snapshot_folder(mounter: Mounter, restic_repo_v1: ResticRepo) -> None:
     repo = restic_repo_v1
     spec = f"{repo.snapshot_id[:10]}:/{OTHER_SUBDIR}"
@@ -185,6 +208,13 @@ def test_new_snapshot_appears_without_remount(
     )
     assert read_all(m.mnt / "tags" / "late" / "latest" / "fresh.txt").startswith(b"written")
     assert os.readlink(m.mnt / "ids" / "latest") == new_id[:8]
+    # and a forgotten snapshot goes away (`restic forget` would wait for the mount's shared lock)
+    gone = restic_repo_v2.tagged_snapshot_id[:8]
+    os.remove(repo_path / "snapshots" / restic_repo_v2.tagged_snapshot_id)
+    while gone in os.listdir(m.mnt / "ids"):
+        assert time.monotonic() < deadline, f"forgotten snapshot never went away:\n{m.log()}"
+        time.sleep(0.2)
+    assert not (m.mnt / "tags" / OTHER_TAG).exists()
 
 
 # -- damage ------------------------------------------------------------------------------------------

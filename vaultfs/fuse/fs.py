@@ -60,10 +60,10 @@ INLINE_BLOBS = 64
 SMALL_FILE = 1024 * 1024
 SIBLING_BYTES = 4 * 1024 * 1024
 SIBLING_FILES = 256
-#: Listing a folder loads the trees of up to this many of its subfolders in the background, and up to
-#: PREFETCHED_TREES such trees wait for their folders to be visited.
+#: Listing a folder loads the trees of up to this many of its subfolders in the background; trees
+#: holding up to PREFETCHED_NODES entries in all wait for their folders to be visited.
 SUBTREE_PREFETCH = 256
-PREFETCHED_TREES = 1024
+PREFETCHED_NODES = 50_000
 
 
 class Inode:
@@ -241,6 +241,7 @@ class VaultOperations(pyfuse3.Operations):
         self._statfs: tuple[float, int] | None = None
         self._bad_trees: set[bytes] = set()
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._tree_nodes = 0  # entries in self._trees
         self._tree_fetches: dict[bytes, trio.Event] = {}
         root: Inode
         if catalog is not None:
@@ -424,6 +425,7 @@ class VaultOperations(pyfuse3.Operations):
                 await pending.wait()
             prefetched = self._trees.pop(tree_id, None)
             if prefetched is not None:
+                self._tree_nodes -= len(prefetched)
                 nodes = prefetched
             else:
                 try:
@@ -469,9 +471,11 @@ class VaultOperations(pyfuse3.Operations):
                 self._load_trees_sync, tree_ids, limiter=self.limiter
             )
             for tree_id, nodes in trees.items():
-                self._trees[tree_id] = nodes
-            while len(self._trees) > PREFETCHED_TREES:
-                self._trees.popitem(last=False)
+                if tree_id not in self._trees:
+                    self._trees[tree_id] = nodes
+                    self._tree_nodes += len(nodes)
+            while self._tree_nodes > PREFETCHED_NODES and self._trees:
+                self._tree_nodes -= len(self._trees.popitem(last=False)[1])
         finally:
             for tree_id in tree_ids:
                 if self._tree_fetches.get(tree_id) is done:
