@@ -56,8 +56,9 @@ from vaultfs.repo.repository import Repository
 
 #: Blobs of one pack closer than this are read together: reading a small gap is cheaper than a second read.
 MERGE_GAP = 256 * 1024
-#: Largest range read of several blobs (a single larger blob is still read in one piece).
-MAX_RANGE = 8 * 1024 * 1024
+#: Largest range read of several blobs (a single larger blob is still read in one piece). With at most
+#: workers + 2 ranges in flight this bounds the memory for content (read plus decoded) to a few dozen MiB.
+MAX_RANGE = 4 * 1024 * 1024
 #: Worker threads for reading, decoding and writing.
 DEFAULT_WORKERS = 4
 #: The walk hands its planned blobs to the workers whenever this much content (or this many blobs) is
@@ -66,6 +67,8 @@ BATCH_BYTES = 64 * 1024 * 1024
 BATCH_BLOBS = 2048
 #: Subtrees loaded ahead of the walk.
 PREFETCH_TREES = 64
+#: The progress callback is called after at least this many more bytes (and at the end).
+PROGRESS_STEP = 1024 * 1024
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _CREATE_FLAGS = _WRITE_FLAGS | os.O_CREAT | os.O_EXCL
@@ -391,6 +394,7 @@ class _Restorer:
         self.dirs_done: list[tuple[bytes, str, Node]] = []
         self.total_bytes = 0
         self.done_bytes = 0
+        self.shown_bytes = 0
         self.abort = threading.Event()
         self.pool: ThreadPoolExecutor | None = None
         self.running: set[Future[None]] = set()
@@ -733,6 +737,8 @@ class _Restorer:
     def drain(self) -> None:
         while self.running:
             self.reap()
+        if self.progress is not None:
+            self.progress(self.done_bytes, self.total_bytes)
 
     def close(self) -> None:
         """Stop the workers (after an error or an interrupt, pending ranges are dropped)."""
@@ -833,7 +839,8 @@ class _Restorer:
             file.pending -= 1
             self.done_bytes += nbytes
             self.report.bytes += nbytes
-            if self.progress is not None and nbytes:
+            if self.progress is not None and self.done_bytes - self.shown_bytes >= PROGRESS_STEP:
+                self.shown_bytes = self.done_bytes
                 self.progress(self.done_bytes, self.total_bytes)
             return file.pending == 0
 
