@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: the main job end to end on a local vault in ./demo: init, backup, snapshots, check with restic,
-# restore, mount the latest snapshot, list it, unmount.
+# `make demo`: the main job end to end on a local vault in ./demo: init, backup, snapshots, verify, deep-verify,
+# check with restic, restore, mount the latest snapshot, list it, unmount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAULT=.venv/bin/vault
@@ -27,7 +27,12 @@ $VAULT backup "$DEMO/source" --tag demo
 step "vault snapshots"
 $VAULT snapshots
 
+step "vault verify (no password needed) and vault deep-verify"
+VAULT_PASSWORD= $VAULT verify "$VAULT_REPOSITORY"
+$VAULT deep-verify
+
 step "restic check --read-data (the vault is a restic repository)"
+mkdir -p "$DEMO/restic-cache"
 RESTIC_PASSWORD=$VAULT_PASSWORD RESTIC_CACHE_DIR=$DEMO/restic-cache restic -r "$VAULT_REPOSITORY" check --read-data
 
 step "vault restore latest"
@@ -44,7 +49,6 @@ if [ -e /dev/fuse ] && command -v fusermount3 >/dev/null; then
     cat "$DEMO/mnt/snapshots/latest$DEMO/source/hello.txt"
     fusermount3 -u "$DEMO/mnt"
     wait "$pid"
-    echo "unmounted"
 else
     echo "no FUSE here (/dev/fuse or fusermount3 missing): skipping the mount step"
 fi
