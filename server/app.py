@@ -19,14 +19,14 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from vaultfs.server.auth import Authenticator
 from vaultfs.server.config import ServerConfig
 from vaultfs.server.metrics import Metrics, log_access
-from vaultfs.server.protocol import ClientGone, Request, Response
+from vaultfs.server.protocol import ClientGone, Producer, Request, Response
 from vaultfs.server.proxy import AddressFilter, client_address
 from vaultfs.server.quota import Quotas
 from vaultfs.server.state import Bucket, BucketRegistry
@@ -220,22 +220,38 @@ class BucketServer:
             headers.append(("content-range", f"bytes {start}-{start + length - 1}/{size}"))
         if fd is None:
             return Response(status, headers, data)
-        return Response(status, headers, self._stream(fd, start, length), length=length)
+        return Response(status, headers, self._producer(fd, start, length), length=length)
 
-    async def _stream(self, fd: int, start: int, length: int) -> AsyncIterator[bytes]:
-        try:
-            offset, end = start, start + length
-            while offset < end:
-                want = min(READ_PIECE, end - offset)
-                piece = await self._thread(Storage.read_sync, fd, offset, want)
-                if len(piece) != want:
-                    # The file shrank under us (it cannot: files are written once); end the
-                    # connection rather than send a body shorter than its Content-Length.
-                    raise ClientGone("object changed while it was sent")
-                offset += want
-                yield piece
-        finally:
-            os.close(fd)
+    def _producer(self, fd: int, start: int, length: int) -> Producer:
+        """Sends the object's bytes in pieces; the next piece is read from disk while one is sent."""
+        end = start + length
+
+        async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
+            tx, rx = trio.open_memory_channel[bytes](1)
+
+            async def reader() -> None:
+                async with tx:
+                    offset = start
+                    while offset < end:
+                        want = min(READ_PIECE, end - offset)
+                        piece = await self._thread(Storage.read_sync, fd, offset, want)
+                        if len(piece) != want:
+                            # Files are written once, so this is damage: end the connection
+                            # rather than send less than the Content-Length promised.
+                            raise ClientGone("object changed while it was sent")
+                        offset += want
+                        await tx.send(piece)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    async with rx:
+                        async for piece in rx:
+                            await send(piece)
+            finally:
+                os.close(fd)
+
+        return produce
 
     async def _upload(self, request: Request, bucket: Bucket, kind: str, name: str) -> Response:
         if await self._thread(self.storage.stat_sync, bucket.name, kind, name) is not None:
@@ -272,26 +288,38 @@ class BucketServer:
             self.quotas.stored(bucket.name, upload.size)
             return text(200, "ok")
         finally:
-            self.metrics.uploads -= 1
             self.quotas.release(bucket.name, size, quota)
             if upload is not None and not committed:
                 with trio.CancelScope(shield=True):
                     await self._thread(upload.abort_sync)
+            self.metrics.uploads -= 1  # last: "no uploads" must mean no temp files either
 
     async def _receive_into(self, request: Request, upload: Upload) -> None:
-        batch: list[bytes] = []
-        pending = 0
-        while True:
-            piece = await request.receive()
-            if piece is None:
-                break
-            batch.append(piece)
-            pending += len(piece)
-            if pending >= WRITE_BATCH:
-                await self._thread(upload.write_sync, batch)
-                batch, pending = [], 0
-        if batch:
-            await self._thread(upload.write_sync, batch)
+        """Receive the body while a second task hashes and writes the previous batch: the socket
+        and the disk (and SHA-256, which releases the GIL) work at the same time."""
+        send, receive = trio.open_memory_channel[list[bytes]](1)
+
+        async def writer() -> None:
+            async with receive:
+                async for batch in receive:
+                    await self._thread(upload.write_sync, batch)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            async with send:
+                batch: list[bytes] = []
+                pending = 0
+                while True:
+                    piece = await request.receive()
+                    if piece is None:
+                        break
+                    batch.append(piece)
+                    pending += len(piece)
+                    if pending >= WRITE_BATCH:
+                        await send.send(batch)
+                        batch, pending = [], 0
+                if batch:
+                    await send.send(batch)
 
     async def _delete(self, bucket: Bucket, kind: str, name: str) -> Response:
         if bucket.append_only and kind != "locks":

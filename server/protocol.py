@@ -1,7 +1,7 @@
 """HTTP/1.1 on one trio stream with h11: keep-alive, streamed bodies, 100-continue, timeouts, lingering close.
 
 The application sees a ``Request`` (head plus ``await request.receive()`` for body pieces) and returns a
-``Response`` (bytes, or an async iterator of pieces with a known length). This module owns everything h11
+``Response`` (bytes, or a producer that sends pieces of a known total length). This module owns everything h11
 leaves to its user:
 
 * ``Expect: 100-continue``: the interim 100 is sent when the application first asks for the body, so an
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -33,8 +33,9 @@ import trio
 log = logging.getLogger("vaultfs.server")
 
 MAX_HEAD = 16 * 1024
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 1 << 20
 DRAIN_LIMIT = 1 << 20
+SMALL_WRITE = 64 * 1024
 SERVER = "vaultfs"
 
 
@@ -42,12 +43,16 @@ class ClientGone(Exception):
     """The client closed the connection, broke the protocol or went silent in the middle of a request."""
 
 
+#: A streamed body: called with ``send(piece)``; it must send exactly ``Response.length`` bytes.
+Producer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
 @dataclass
 class Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | AsyncIterator[bytes] = b""
-    #: Content-Length for an iterator body (and for HEAD answers that describe a body).
+    body: bytes | Producer = b""
+    #: Content-Length for a producer body (and for HEAD answers that describe a body).
     length: int | None = None
 
 
@@ -126,6 +131,7 @@ class HttpConnection:
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._out: list[bytes] = []
 
     # -- I/O -------------------------------------------------------------------------------------
 
@@ -137,16 +143,38 @@ class HttpConnection:
                 return b""
         raise ClientGone("timed out waiting for the client")
 
-    async def _send(self, event: h11._events.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            with trio.move_on_after(self.read_timeout):
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise ClientGone(f"send failed: {exc}") from None
-                return
-            raise ClientGone("timed out sending to the client")
+    async def _send(self, event: h11._events.Event, *, flush: bool = True) -> None:
+        """Queue an event's bytes and, with ``flush``, write everything queued.
+
+        A response head, a small body and the end of the message leave in one write: separate small
+        writes cost a system call each and can meet delayed ACKs. Large body pieces are passed
+        through as they are (h11's passthrough), not copied into a joined buffer.
+        """
+        for data in self.h11.send_with_data_passthrough(event) or ():
+            if not data:
+                continue
+            if len(data) >= SMALL_WRITE:
+                await self._flush()
+                await self._write(data)
+            else:
+                self._out.append(bytes(data))
+        if flush:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        with trio.move_on_after(self.read_timeout):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ClientGone(f"send failed: {exc}") from None
+            return
+        raise ClientGone("timed out sending to the client")
 
     async def next_body_piece(self) -> bytes | None:
         if self.h11.they_are_waiting_for_100_continue:
@@ -302,25 +330,23 @@ class HttpConnection:
         await self._send(
             h11.Response(
                 status_code=response.status, headers=headers, reason=_reason(response.status)
-            )
+            ),
+            flush=False,
         )
         sent = 0
         head_only = request.method == "HEAD" or response.status in (204, 304)
         if isinstance(body, bytes):
             if body and not head_only:
-                await self._send(h11.Data(data=body))
+                await self._send(h11.Data(data=body), flush=False)
                 sent = len(body)
-        else:
-            try:
-                async for piece in body:
-                    if not head_only:
-                        await self._send(h11.Data(data=piece))
-                        sent += len(piece)
-            finally:
-                aclose = getattr(body, "aclose", None)
-                if aclose is not None:
-                    with trio.CancelScope(shield=True):
-                        await aclose()
+        elif not head_only:
+
+            async def send(piece: bytes) -> None:
+                nonlocal sent
+                await self._send(h11.Data(data=piece))
+                sent += len(piece)
+
+            await body(send)
         await self._send(h11.EndOfMessage())
         return sent
 

@@ -1,0 +1,248 @@
+"""Benchmark of the bucket server: `vault serve` against `rclone serve restic`, and vault backup through
+`vault serve` against a local folder. Prints a Markdown table (best of --runs wall-clock times).
+
+    .venv/bin/python bench/serve.py [--size-mb 300] [--runs 3] [--dataset DIR]
+
+Rows:
+* restic backup of the dataset to a fresh repository through each server (restic does the chunking,
+  encryption and uploads; the server receives ~dataset-size of packs);
+* restic check --read-data through each server (downloads everything);
+* raw HTTP: one 64 MiB upload and download, and 1,000 small range reads, with httpx;
+* vault backup of the dataset through `vault serve` and to a local folder.
+
+Everything runs on 127.0.0.1 with random ports; the dataset (half random, half compressible text) is made
+in a temp folder unless --dataset is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def make_dataset(folder: Path, size_mb: int) -> None:
+    rng = random.Random(7)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(2, 9)))
+             for _ in range(5000)]  # fmt: skip
+    left = size_mb << 20
+    i = 0
+    while left > 0:
+        size = min(left, rng.choice([4 << 10, 64 << 10, 1 << 20, 8 << 20, 24 << 20]))
+        sub = folder / f"d{i % 17}"
+        sub.mkdir(parents=True, exist_ok=True)
+        if i % 2:
+            data = rng.randbytes(size)
+        else:
+            data = b" ".join(rng.choice(words) for _ in range(size // 5))[:size]
+        (sub / f"f{i}").write_bytes(data)
+        left -= size
+        i += 1
+
+
+class Proc:
+    def __init__(self, args: list[str], pattern: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            found = re.search(pattern, line)
+            if found:
+                self.url = found.group(1)
+                return
+        raise RuntimeError(f"{args[0]} did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def vault_serve(data: Path) -> tuple[Proc, str, str]:
+    """Start `vault serve` with one bucket; (process, base URL of the bucket, PSK)."""
+    out = subprocess.run(
+        [PY, "-m", "vaultfs.tools.main", "server", "--data", str(data), "bucket", "create", "bench",
+         "--json"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    psk = json.loads(out)["psk"]
+    proc = Proc(
+        [PY, "-m", "vaultfs.tools.main", "serve", "--data", str(data), "--listen", "127.0.0.1:0",
+         "--access-log", ""],
+        r"listening on (\S+)",
+    )  # fmt: skip
+    return proc, f"{proc.url}bench/", psk
+
+
+def rclone_serve(data: Path) -> tuple[Proc, str]:
+    env = {**os.environ, "RCLONE_CONFIG": "/dev/null"}
+    proc = Proc(
+        ["rclone", "serve", "restic", "--addr", "127.0.0.1:0", str(data)],
+        r"(http://127\.0\.0\.1:\d+/)",
+        env,
+    )
+    return proc, f"{proc.url}bench/"
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def with_creds(url: str, user: str, psk: str) -> str:
+    return url.replace("http://", f"http://{user}:{psk}@")
+
+
+def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for server in ("vault serve", "rclone serve restic"):
+        best_backup = best_check = float("inf")
+        for run in range(runs):
+            data = work / f"{server.split()[0]}-{run}"
+            if server == "vault serve":
+                proc, url, psk = vault_serve(data)
+                repo = "rest:" + with_creds(url, "bench", psk)
+            else:
+                proc, url = rclone_serve(data)
+                repo = "rest:" + url
+            cache = work / "restic-cache"
+            env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(cache)}
+            try:
+                subprocess.run(["restic", "-r", repo, "init"], check=True, env=env,
+                               capture_output=True)  # fmt: skip
+                best_backup = min(best_backup, timed(["restic", "-r", repo, "backup", "-q", "."],
+                                                     env, cwd=dataset))  # fmt: skip
+                shutil.rmtree(cache, ignore_errors=True)
+                best_check = min(best_check, timed(["restic", "-r", repo, "check", "--read-data"],
+                                                   env))  # fmt: skip
+            finally:
+                proc.stop()
+                shutil.rmtree(cache, ignore_errors=True)
+                shutil.rmtree(data, ignore_errors=True)
+        results[server] = {"backup": best_backup, "check": best_check}
+    return results
+
+
+def http_rows(work: Path) -> dict[str, dict[str, float]]:
+    """Raw HTTP: MB/s for one 64 MiB upload and download, small range reads per second."""
+    results = {}
+    body = os.urandom(64 << 20)
+    name = hashlib.sha256(body).hexdigest()
+    for server in ("vault serve", "rclone serve restic"):
+        data = work / f"http-{server.split()[0]}"
+        if server == "vault serve":
+            proc, url, psk = vault_serve(data)
+            auth: tuple[str, str] | None = ("bench", psk)
+        else:
+            proc, url = rclone_serve(data)
+            auth = None
+        try:
+            with httpx.Client(base_url=url, auth=auth, timeout=300) as c:
+                c.post("?create=true")
+
+                def pieces():
+                    for i in range(0, len(body), 1 << 20):
+                        yield body[i : i + (1 << 20)]
+
+                start = time.perf_counter()
+                c.post(f"data/{name}", content=pieces(),
+                       headers={"Content-Length": str(len(body))}).raise_for_status()  # fmt: skip
+                up = len(body) / (time.perf_counter() - start) / 1e6
+                start = time.perf_counter()
+                got = c.get(f"data/{name}", headers={"Range": "bytes=0-"}).content
+                down = len(got) / (time.perf_counter() - start) / 1e6
+                assert got == body
+                start = time.perf_counter()
+                for i in range(1000):
+                    off = (i * 7919 * 4096) % (len(body) - 5000)
+                    c.get(f"data/{name}", headers={"Range": f"bytes={off}-{off + 4095}"})
+                small = 1000 / (time.perf_counter() - start)
+        finally:
+            proc.stop()
+            shutil.rmtree(data, ignore_errors=True)
+        results[server] = {"upload": up, "download": down, "small": small}
+    return results
+
+
+def vault_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
+    results = {}
+    env = {**os.environ, "VAULT_PASSWORD": "bench", "XDG_CACHE_HOME": str(work / "xdg")}
+    for target in ("vault serve", "local folder"):
+        best = float("inf")
+        for run in range(runs):
+            data = work / f"vb-{target.split()[0]}-{run}"
+            proc = None
+            if target == "vault serve":
+                proc, url, psk = vault_serve(data)
+                repo = "rest:" + with_creds(url, "bench", psk)
+            else:
+                repo = str(data / "repo")
+            try:
+                subprocess.run([PY, "-m", "vaultfs.tools.main", "-r", repo, "init"], check=True,
+                               env=env, capture_output=True)  # fmt: skip
+                best = min(best, timed([PY, "-m", "vaultfs.tools.main", "-r", repo, "backup", "-q",
+                                        "."], env, cwd=dataset))  # fmt: skip
+            finally:
+                if proc is not None:
+                    proc.stop()
+                shutil.rmtree(data, ignore_errors=True)
+                shutil.rmtree(work / "xdg", ignore_errors=True)
+        results[target] = best
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mb", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dataset", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vaultfs-bench-serve-"))
+    try:
+        dataset = args.dataset
+        if dataset is None:
+            dataset = work / "dataset"
+            make_dataset(dataset, args.size_mb)
+        size = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file()) / 1e6
+        restic = restic_rows(dataset, work, args.runs)
+        raw = http_rows(work)
+        mine = vault_rows(dataset, work, args.runs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"dataset: {size:.0f} MB; best of {args.runs}; {os.cpu_count()} cores\n")
+    print("| client and job | vault serve | rclone serve restic |")
+    print("|---|---|---|")
+    for job, label in (("backup", "restic backup"), ("check", "restic check --read-data")):
+        a, b = restic["vault serve"][job], restic["rclone serve restic"][job]
+        print(f"| {label} | {a:.1f} s ({size / a:.0f} MB/s) | {b:.1f} s ({size / b:.0f} MB/s) |")
+    for key, label, unit in (
+        ("upload", "httpx 64 MiB upload", "MB/s"),
+        ("download", "httpx 64 MiB download", "MB/s"),
+        ("small", "httpx 4 KiB range reads, one connection", "req/s"),
+    ):
+        a, b = raw["vault serve"][key], raw["rclone serve restic"][key]
+        print(f"| {label} | {a:.0f} {unit} | {b:.0f} {unit} |")
+    print("\n| vault backup to | time |")
+    print("|---|---|")
+    for target, seconds in mine.items():
+        print(f"| {target} | {seconds:.1f} s ({size / seconds:.0f} MB/s) |")
+
+
+if __name__ == "__main__":
+    main()
