@@ -6,6 +6,28 @@ rsync and `vault verify` work on it directly. Uploads are checked against their 
 overwritten, quotas and append-only buckets are enforced. Every key of the TOML config file has a default:
 `vault serve --data DIR` alone works. SIGTERM or Ctrl-C stop the server gracefully: uploads in flight finish
 within shutdown_grace seconds or are discarded, never left half-visible.
+
+config file keys (TOML; command-line options win):
+  data = "/var/lib/vaultfs"        state (DATA/.vaultfs-server/) and, without volumes, the buckets
+  volumes = ["/d1", "/d2"]         spread buckets over several folders (reads look in all; new files
+                                   go to the one with most free space; files may be moved while running)
+  listen = "127.0.0.1:8000"        HOST:PORT; port 0 picks a free port
+  tls_cert = "", tls_key = ""      PEM files: serve HTTPS
+  trust_x_forwarded_for = false    behind a proxy that replaces X-Forwarded-For: its left-most entry is
+                                   the client address (logs, rate limits, allow/deny)
+  allow = [], deny = []            client networks (CIDR); deny wins; empty allow = everyone
+  metrics_allow = ["127.0.0.1/32", "::1/128"]   who may read /metrics (Prometheus)
+  access_log = "-"                 "-" = stderr, "" = off, else a file
+  verify_uploads = true            refuse uploads whose SHA-256 is not their name (HTTP 400)
+  read_timeout = 60                seconds a client may stall mid-request before it is dropped
+  keepalive_timeout = 75           seconds an idle connection stays open
+  shutdown_grace = 30              seconds requests in flight get after SIGTERM
+  max_connections = 512, io_threads = 16
+  bcrypt_rounds = 12               cost of new PSK hashes
+  auth_cache_seconds = 60          a successful PSK check is remembered this long
+
+endpoints: /BUCKET/ (restic REST protocol v1 and v2, HTTP Basic auth with user BUCKET and the PSK
+as password), /healthz, /metrics.
 """
 
 from __future__ import annotations
