@@ -24,13 +24,14 @@ import pytest
 
 from tests.helpers.restic import Restic
 from tests.tools.cli import one_line_error, vault
-from vaultfs.backend import LocalBackend
+from vaultfs.backend import LocalBackend, open_backend
 from vaultfs.format import unpacked
 from vaultfs.format.index import IndexFile
 from vaultfs.format.pack import DATA, PackedBlob, encode_header
 from vaultfs.ops.deepverify import deep_verify, parse_header
 from vaultfs.ops.rebuild import encode_packindex, rebuild_indexes
 from vaultfs.ops.restore import restore
+from vaultfs.ops.verify import verify
 from vaultfs.repo.cache import VaultCache
 from vaultfs.repo.repository import Repository
 
@@ -265,6 +266,33 @@ def test_cache_is_used_and_validated(vault_copy, tmp_path, monkeypatch):
     flip(tree_packs[0], 30)
     assert deep_verify(repo, cache=True).ok
     assert hashlib.sha256(tree_packs[0].read_bytes()).hexdigest() == tree_packs[0].name
+
+
+def test_remote_vault_verify_deep_verify_and_cache(vault_copy, tmp_path, monkeypatch):
+    from tests.backend.test_rest import Rclone
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    v = vault_copy
+    server = Rclone(v.tmp, "--append-only")  # serves the copy as /vault/
+    location = server.location("/vault/")
+    remote = open_backend(location)
+    try:
+        assert verify(remote).ok
+        repo = Repository(remote, *_KEYS["key"]) if "key" in _KEYS else None
+        repo = repo or Repository.open(remote, PASSWORD.encode())
+        first = deep_verify(repo)  # remote: pack headers and tree packs go to the cache
+        assert first.ok and first.snapshots == 3
+        cached = [p for p in Path(VaultCache(repo.id).root).rglob("*") if p.is_file()]
+        assert len(cached) > first.packs
+        pack = v.damage_blob("a", "/src/a/f1")
+        found = verify(remote)
+        assert [b.path for b in found.bad] == [f"data/{pack[:2]}/{pack}"]
+        assert deep_verify(repo, read_data=True).damaged_snapshots
+        refused = vault("-r", location, "repair", password=PASSWORD, expect=2)
+        assert "--quarantine" in one_line_error(refused)
+    finally:
+        remote.close()
+        server.stop()
 
 
 def test_cli_json_and_text(vault_copy):

@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.env import env_for
-from tests.ops.test_deepverify import PASSWORD, Vault, corrupt_at_generation, make_vault_copy
+from tests.ops.test_deepverify import (
+    PASSWORD,
+    Vault,
+    corrupt_at_generation,
+    flip,
+    make_vault_copy,
+)
 from tests.tools.cli import one_line_error, vault
 from vaultfs.ops.deepverify import deep_verify
 from vaultfs.ops.rebuild import rebuild_indexes
@@ -122,6 +128,26 @@ def test_truncated_pack_salvages_what_is_before_the_cut(vault_copy):
     v.restore_matches(v.ids["b"], v.files["b"])
     new_a = next(s.replaced_by for s in result.snapshots if s.id == v.ids["a"])
     v.restore_matches(new_a, without(v.files["a"], lost))
+
+
+def test_damaged_tree_folder_is_cut_out_of_the_snapshots(vault_copy):
+    v = vault_copy
+    repo = v.open()
+    sub = repo.find_path(repo.load_snapshot(v.ids["a"]).tree, "/src/a/sub")
+    loc = repo.index.lookup(sub.subtree, 1)
+    flip(v.pack_file(loc.pack_id.hex()), loc.offset + 20)
+    result = run_repair(v, salvage=True)
+    assert result.clean
+    assert {s.id: [f.path for f in s.files] for s in result.snapshots} == {
+        v.ids["a"]: ["/src/a/sub/"],
+        v.ids["c"]: ["/src/a/sub/"],
+    }
+    assert_clean(v)
+    for loss in result.snapshots:
+        tag = "a" if loss.id == v.ids["a"] else "c"
+        expected = {p: d for p, d in v.files[tag].items() if not p.startswith("/src/a/sub/")}
+        v.restore_matches(loss.replaced_by, expected)
+    v.restore_matches(v.ids["b"], v.files["b"])
 
 
 def test_deleted_pack_drops_the_snapshots_that_need_it(vault_copy):
@@ -369,7 +395,7 @@ def test_repair_killed_at_random_points_then_rerun(vault_copy, tmp_path):
                 v.restore_matches(sid, without(v.files[snap.tags[0]], {"/src/a/f2"}))
 
 
-def test_repair_cli_text_and_remote_needs_quarantine(vault_copy):
+def test_repair_cli_text(vault_copy):
     v = vault_copy
     v.damage_blob("b", "/src/b/g1")
     text = vault("-r", v.path, "repair", "--read-data", password=PASSWORD).out

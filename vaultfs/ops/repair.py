@@ -302,7 +302,8 @@ class _Repair:
             elif not bad.path.endswith("/"):
                 self.take(bad.path, bad.problem)
         for path in found.temp_files:
-            self.take(path, "leftover temp file of an interrupted write")
+            if not path.startswith("locks/"):  # our own lock refresh may be writing one right now
+                self.take(path, "leftover temp file of an interrupted write")
 
     def check(self, first: bool) -> DeepVerifyReport:
         self.stage("checking the vault")
