@@ -1,10 +1,10 @@
-"""File-system metadata as restic records it: reading and applying extended attributes, times, owners, modes.
+"""Applying file-system metadata as restic records it: extended attributes, owners, modes, times.
 
-Shared by backup (reading) and restore (applying). Targets are ``bytes`` paths (``os.fsencode``: names need
-not be UTF-8) or open file descriptors (cheaper: no path lookup; restore uses them for files it has just
-written). Nothing here follows symlinks: a path call works on the link itself.
+(Reading it for a backup lives in ``vaultfs.ops.scan``.) Targets are ``bytes`` paths (``os.fsencode``:
+names need not be UTF-8) or open file descriptors (cheaper: no path lookup; restore uses them for files it
+has just written). Nothing here follows symlinks: a path call works on the link itself.
 
-Applying follows the order restic's restore depends on: extended attributes first (setting them needs
+The order matters: extended attributes first (setting them needs
 write permission, which a mode such as 0o444 or 000 takes away from a non-root user), then the owner
 (``chown`` clears setuid/setgid, so it must come before the mode), then the mode, and the times last
 (every earlier step may touch the ctime, and a folder's mtime must not change after it is set).
@@ -12,15 +12,11 @@ write permission, which a mode such as 0o444 or 000 takes away from a non-root u
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
 from vaultfs.format.gojson import GoTime
 from vaultfs.format.tree import Node
-
-#: errno values meaning "this file system (or object) does not do extended attributes".
-_XATTR_UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 # utimensat takes a signed 64-bit count of nanoseconds in Python's os.utime; Go's zero time (year 1) is
 # far below that, so such a time cannot be set and is left alone.
@@ -31,32 +27,6 @@ _MAX_NS = 2**63 - 1
 def is_root() -> bool:
     """True when this process may set owners and create device nodes (effective uid 0)."""
     return os.geteuid() == 0
-
-
-# -- reading --------------------------------------------------------------------------------------
-
-
-def read_xattrs(path: bytes) -> list[tuple[str, bytes]]:
-    """Extended attributes of ``path`` (not following symlinks) as sorted (name, value) pairs.
-
-    A file system without xattr support gives []. Attributes that vanish between listing and reading are
-    left out. Other errors (EACCES, EIO) raise OSError.
-    """
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _XATTR_UNSUPPORTED:
-            return []
-        raise
-    out = []
-    for name in sorted(names):
-        try:
-            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, *_XATTR_UNSUPPORTED):
-                continue
-            raise
-    return out
 
 
 # -- applying -------------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ times too), numeric owners when running as root, extended attributes; files with
 ``inode`` and ``device_id`` in the snapshot become hardlinks of one file; fifos, and devices when root.
 Sockets are skipped, as restic does.
 
-Include and exclude patterns have restic's semantics (``filter`` package): a pattern is split at ``/`` and
-matched component-wise with Go's ``filepath.Match`` syntax against the path inside the restored tree (``/``
-plus the path below the snapshot root or the chosen sub-folder); a pattern starting with ``/`` is anchored
-at the root and matches a path that starts with it, any other pattern matches any run of consecutive
-components; ``**`` matches any number of folders; ``!pattern`` un-matches. Includes keep matching items and
-the folders leading to them.
+Include and exclude patterns have restic's semantics (its ``filter`` package; parsing and matching live in
+``vaultfs.ops.excludes``, shared with backup): a pattern is split at ``/`` and matched component-wise with
+Go's ``filepath.Match`` syntax against the path inside the restored tree (``/`` plus the path below the
+snapshot root or the chosen sub-folder); a pattern starting with ``/`` is anchored at the root and matches a
+path that starts with it, any other pattern matches any run of consecutive components; ``**`` matches any
+number of folders; ``!pattern`` un-matches. Includes keep matching items and the folders leading to them.
 
 Errors: a blob that is missing or corrupt is reported with the file, pack and blob, and the restore goes on
 with everything else; an existing target entry is reported and skipped unless ``overwrite``. A target that
@@ -38,8 +38,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import posixpath
-import re
 import stat
 import threading
 import time
@@ -51,6 +49,7 @@ from vaultfs.errors import NotFoundError, UsageError, VaultError
 from vaultfs.format.pack import DATA
 from vaultfs.format.tree import Node, fs_bytes
 from vaultfs.ops import fsmeta
+from vaultfs.ops.excludes import Pattern, matches_any, parse_patterns, split_path
 from vaultfs.repo.masterindex import BlobLocation
 from vaultfs.repo.repository import Repository
 
@@ -139,143 +138,36 @@ def display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-# -- patterns -----------------------------------------------------------------------------------
+# -- selection ----------------------------------------------------------------------------------
 
 
-class _Part:
-    __slots__ = ("text", "regex")
+class _Include:
+    """An include pattern plus what ``filter.ListWithChild`` needs: whether something below a path may
+    still match. A relative pattern always may; an anchored one when the path is a prefix it can extend."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.regex = None if not any(c in text for c in "\\[]*?") else _glob_regex(text)
-
-    def matches(self, component: str) -> bool:
-        if self.regex is None:
-            return self.text == component
-        return self.regex.fullmatch(component) is not None
-
-
-def _glob_regex(part: str) -> re.Pattern[str]:
-    """Go's filepath.Match syntax for one path component as a regex; UsageError when malformed."""
-    out = []
-    i, n = 0, len(part)
-
-    def bad() -> UsageError:
-        return UsageError(f"invalid pattern component {part!r} (Go filepath.Match syntax)")
-
-    def escaped(j: int) -> tuple[str, int]:
-        # One class character: rejects an unescaped '-' or ']' and a class left open, as Go does.
-        if j >= n or part[j] in "-]":
-            raise bad()
-        if part[j] == "\\":
-            j += 1
-            if j >= n:
-                raise bad()
-        if j + 1 >= n:
-            raise bad()
-        return part[j], j + 1
-
-    while i < n:
-        c = part[i]
-        if c == "*":
-            while i < n and part[i] == "*":
-                i += 1
-            out.append(".*")
-            continue
-        if c == "?":
-            out.append(".")
-        elif c == "\\":
-            if i + 1 >= n:
-                raise bad()
-            i += 1
-            out.append(re.escape(part[i]))
-        elif c == "[":
-            i += 1
-            negate = i < n and part[i] == "^"
-            if negate:
-                i += 1
-            ranges = []
-            while True:
-                if i < n and part[i] == "]" and ranges:
-                    break
-                lo, i = escaped(i)
-                hi = lo
-                if part[i] == "-":
-                    hi, i = escaped(i + 1)
-                ranges.append((lo, hi))
-            usable = [(lo, hi) for lo, hi in ranges if lo <= hi]
-            body = "".join(
-                re.escape(lo) if lo == hi else f"{re.escape(lo)}-{re.escape(hi)}"
-                for lo, hi in usable
-            )
-            if negate:
-                out.append(f"[^{body}]" if body else ".")
-            else:
-                out.append(f"[{body}]" if body else "(?!)")
-        else:  # a ']' outside a class is an ordinary character in Go
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out), re.DOTALL)
-
-
-class Pattern:
-    """One include or exclude pattern, parsed once (restic's filter.Pattern)."""
-
-    def __init__(self, text: str) -> None:
-        self.original = text
-        self.negated = text.startswith("!")
-        body = text[1:] if self.negated else text
-        if not body:
-            raise UsageError(f"empty pattern {text!r}")
-        cleaned = posixpath.normpath(body)
-        if cleaned.startswith("//"):
-            cleaned = "/" + cleaned.lstrip("/")
-        self.parts = [_Part(p) for p in cleaned.split("/")]
-        self.absolute = self.parts[0].text == ""
-        self.double_star = next((i for i, p in enumerate(self.parts) if p.text == "**"), -1)
+    def __init__(self, pattern: Pattern) -> None:
+        self.pattern = pattern
+        self.negated = pattern.negated
+        parts = pattern.parts
+        self.anchored = parts[0].text == "/"
+        self.star = next((i for i, p in enumerate(parts) if p.double_star), -1)
+        # The pattern cut after n components, for n >= 2 (a path has the root marker and one name).
+        self.prefixes = {
+            n: Pattern("/".join(p.text for p in parts[:n]))
+            for n in range(2, len(parts) + 1)
+            if self.anchored
+        }
 
     def match(self, strs: list[str]) -> bool:
-        return _match(self.parts, strs)
+        return self.pattern.match(strs)
 
     def child_may_match(self, strs: list[str]) -> bool:
-        """Whether something below ``strs`` could match: always for relative patterns; for anchored ones
-        when the path is a prefix the pattern can still extend."""
-        if not self.absolute:
+        if not self.anchored:
             return True
-        if self.double_star >= 0 and len(strs) >= self.double_star:
-            strs = strs[: self.double_star]
-        n = min(len(strs), len(self.parts))
-        return _match(self.parts[:n], strs)
-
-
-def _match(parts: list[_Part], strs: list[str]) -> bool:
-    star = next((i for i, p in enumerate(parts) if p.text == "**"), -1)
-    if star >= 0:
-        # "**" stands for zero or more components: try every expansion into single-component wildcards.
-        any_part = _Part("*")
-        for k in range(0, len(strs) - len(parts) + 2):
-            if _match(parts[:star] + [any_part] * k + parts[star + 1 :], strs):
-                return True
-        return False
-    if not parts:
-        return not strs
-    if len(parts) > len(strs):
-        return False
-    lowest = 0
-    highest = len(strs) - len(parts)
-    if parts[0].text == "":
-        highest = 0  # anchored: only at the root
-    elif strs[0] == "":
-        lowest = 1  # a relative pattern never matches the root marker
-    for offset in range(highest, lowest - 1, -1):
-        if all(parts[i].matches(strs[offset + i]) for i in range(len(parts) - 1, -1, -1)):
-            return True
-    return False
-
-
-def parse_patterns(patterns: Iterable[str]) -> list[Pattern]:
-    """Parse include/exclude patterns (empty ones are ignored, as restic does); UsageError if malformed."""
-    return [Pattern(p) for p in patterns if p]
+        if self.star >= 0 and len(strs) >= self.star:
+            strs = strs[: self.star]
+        n = min(len(strs), len(self.pattern.parts))
+        return n < 2 or self.prefixes[n].match(strs)
 
 
 class Selector:
@@ -287,38 +179,37 @@ class Selector:
     """
 
     def __init__(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
-        self.include = parse_patterns(include)
+        self.include = [_Include(p) for p in parse_patterns(include)]
         self.exclude = parse_patterns(exclude)
         if self.include and self.exclude:
             raise UsageError("--include and --exclude cannot be combined (as in restic)")
-        patterns = self.include or self.exclude
-        self._has_negated = any(p.negated for p in patterns)
 
     @property
     def active(self) -> bool:
         return bool(self.include or self.exclude)
 
-    def _list(self, patterns: list[Pattern], strs: list[str], children: bool) -> tuple[bool, bool]:
+    def _included(self, strs: list[str]) -> tuple[bool, bool]:
+        # restic's filter.ListWithChild: in order, "!" patterns take back both answers.
+        negations = any(p.negated for p in self.include)
         matched = child = False
-        for pat in patterns:
+        for pat in self.include:
             m = pat.match(strs)
             if pat.negated:
                 matched = matched and not m
                 child = child and not m
                 continue
             matched = matched or m
-            if children:
-                child = child or pat.child_may_match(strs)
-            if matched and (child or not children) and not self._has_negated:
+            child = child or pat.child_may_match(strs)
+            if matched and child and not negations:
                 break
         return matched, child
 
     def select(self, location: str, is_dir: bool) -> tuple[bool, bool]:
         if self.exclude:
-            rejected, _ = self._list(self.exclude, location.split("/"), False)
+            rejected = matches_any(self.exclude, location)
             return not rejected, (not rejected) and is_dir
         if self.include:
-            matched, child = self._list(self.include, location.split("/"), True)
+            matched, child = self._included(split_path(location))
             return matched, child and is_dir
         return True, is_dir
 
@@ -976,12 +867,10 @@ def _root_nodes(repo: Repository, tree_id: bytes, subpath: str) -> list[Node]:
 
 __all__ = [
     "DEFAULT_WORKERS",
-    "Pattern",
     "RestoreProblem",
     "RestoreReport",
     "Selector",
     "display_path",
-    "parse_patterns",
     "prepare_target",
     "restore",
 ]
