@@ -29,7 +29,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -39,6 +39,7 @@ from vaultfs.errors import VaultError
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import Node, fs_bytes
 from vaultfs.fuse.catalog import Catalog
+from vaultfs.fuse.inodes import Inode, Leaf, TreeDir, VirtualDir, VirtualLink, node_attrs, xattrs
 from vaultfs.fuse.layout import Child, Layout, SnapRoot, VDir, build_layout
 from vaultfs.fuse.reader import BlobReader, BlobUnreadable, FileContent, file_content_sync
 from vaultfs.repo.repository import Repository
@@ -64,106 +65,6 @@ SIBLING_FILES = 256
 #: holding up to PREFETCHED_NODES entries in all wait for their folders to be visited.
 SUBTREE_PREFETCH = 256
 PREFETCHED_NODES = 50_000
-
-
-class Inode:
-    """Something the kernel knows by number. ``parent``/``name`` give its path (for messages and ``..``);
-    ``vkey`` is its key among the virtual folders' children, if it is one."""
-
-    __slots__ = ("ino", "lookups", "parent", "name", "vkey")
-
-    def __init__(self, ino: int, parent: int, name: bytes) -> None:
-        self.ino = ino
-        self.lookups = 0
-        self.parent = parent
-        self.name = name
-        self.vkey: tuple | None = None
-
-
-class VirtualDir(Inode):
-    __slots__ = ("path",)
-
-    def __init__(self, ino: int, parent: int, name: bytes, path: tuple[bytes, ...]) -> None:
-        super().__init__(ino, parent, name)
-        self.path = path
-
-
-class VirtualLink(Inode):
-    __slots__ = ("target", "time_ns")
-
-    def __init__(self, ino: int, parent: int, name: bytes, target: bytes, time_ns: int) -> None:
-        super().__init__(ino, parent, name)
-        self.target = target
-        self.time_ns = time_ns
-
-
-class TreeDir(Inode):
-    """A folder inside a snapshot (``node`` set) or a snapshot's root folder (``snap`` set).
-
-    ``links`` maps (device_id, inode) of hardlinked files to their inode number; one dict is shared by
-    all folders of one snapshot folder. ``names``/``nodes`` hold the loaded tree; ``children`` maps the
-    names the kernel has heard of to their inode numbers.
-    """
-
-    __slots__ = (
-        "tree_id",
-        "node",
-        "snap",
-        "links",
-        "nodes",
-        "names",
-        "by_name",
-        "children",
-        "ahead",
-        "refill",
-    )
-
-    def __init__(
-        self,
-        ino: int,
-        parent: int,
-        name: bytes,
-        tree_id: bytes | None,
-        links: dict[tuple[int, int], int],
-        node: Node | None = None,
-        snap: Snapshot | None = None,
-    ) -> None:
-        super().__init__(ino, parent, name)
-        self.tree_id = tree_id
-        self.node = node
-        self.snap = snap
-        self.links = links
-        self.nodes: list[Node] | None = None
-        self.names: list[bytes] = []
-        self.by_name: dict[bytes, int] | None = None
-        self.children: dict[bytes, int] = {}
-        # Small-file prefetch: entries before ``ahead`` have been fetched or are being fetched; the
-        # next batch starts when a file at or after ``refill`` is opened.
-        self.ahead = 0
-        self.refill = 0
-
-
-class Leaf(Inode):
-    """A file, symlink, device, fifo or socket inside a snapshot; ``pos`` is its index in the parent."""
-
-    __slots__ = ("node", "links", "hardlink", "content", "pos")
-
-    def __init__(
-        self,
-        ino: int,
-        parent: int,
-        name: bytes,
-        node: Node,
-        links: dict[tuple[int, int], int],
-        hardlink: tuple[int, int] | None,
-        pos: int,
-    ) -> None:
-        super().__init__(ino, parent, name)
-        self.node = node
-        self.links = links
-        self.hardlink = hardlink
-        self.content: FileContent | None = None
-        self.pos = pos
 
 
 class _OpenFile:
@@ -329,9 +230,9 @@ class VaultOperations(pyfuse3.Operations):
             key = ("link", parent.path, name, child.target)
         known = self._vchildren.get(key)
         if known is not None:
-            inode = self._inodes.get(known)
-            if inode is not None:
-                return inode
+            existing = self._inodes.get(known)
+            if existing is not None:
+                return existing
         ino = self._new_ino()
         inode: Inode
         if isinstance(child, VDir):
@@ -374,11 +275,11 @@ class VaultOperations(pyfuse3.Operations):
         attr.st_blksize = BLOCK_SIZE
         timeout = TREE_TIMEOUT
         if isinstance(inode, Leaf):
-            _node_attrs(attr, inode.node)
+            node_attrs(attr, inode.node)
             attr.st_nlink = inode.node.links if inode.hardlink is not None else 1
         elif isinstance(inode, TreeDir):
             if inode.node is not None:
-                _node_attrs(attr, inode.node)
+                node_attrs(attr, inode.node)
             else:
                 snap = inode.snap
                 attr.st_mode = stat.S_IFDIR | 0o555
@@ -557,7 +458,7 @@ class VaultOperations(pyfuse3.Operations):
         found.lookups += 1
         return self._attrs(found)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             for ino, count in inode_list:
                 inode = self._inodes.get(ino)
@@ -677,7 +578,9 @@ class VaultOperations(pyfuse3.Operations):
         self.reader.prefetch(blobs)
 
     @_guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override]  # pyfuse3 sends any buffer; a memoryview is zero-copy
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         f = self._files[fh]
         file_size = f.leaf.node.size
         if off >= file_size:
@@ -696,14 +599,14 @@ class VaultOperations(pyfuse3.Operations):
 
     @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        for key, value in _xattrs(self._get(inode)):
+        for key, value in xattrs(self._get(inode)):
             if fs_bytes(key) == name:
                 return value
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [fs_bytes(key) for key, _ in _xattrs(self._get(inode))]
+        return [fs_bytes(key) for key, _ in xattrs(self._get(inode))]
 
     @_guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -723,24 +626,3 @@ class VaultOperations(pyfuse3.Operations):
 
     def _pack_bytes_sync(self) -> int:
         return sum(size for _, size in self.repo.backend.list("data"))
-
-
-def _node_attrs(attr: pyfuse3.EntryAttributes, node: Node) -> None:
-    attr.st_mode = node.unix_mode
-    attr.st_uid = node.uid
-    attr.st_gid = node.gid
-    if node.type == "file":
-        attr.st_size = node.size
-    elif node.type == "symlink":
-        attr.st_size = len(fs_bytes(node.linktarget))
-    elif node.type in ("dev", "chardev"):
-        attr.st_rdev = node.device
-    attr.st_blocks = (attr.st_size + 511) // 512
-    attr.st_atime_ns = node.atime.ns
-    attr.st_mtime_ns = node.mtime.ns
-    attr.st_ctime_ns = node.ctime.ns
-
-
-def _xattrs(inode: Inode) -> list[tuple[str, bytes]]:
-    node = inode.node if isinstance(inode, Leaf | TreeDir) else None
-    return node.extended_attributes if node is not None else []

@@ -169,10 +169,10 @@ class BlobReader:
             for i in range(first, last + 1):
                 nursery.start_soon(one, i)
         pieces = []
-        for i, data in zip(range(first, last + 1), parts, strict=True):
-            assert data is not None
+        for i, part in zip(range(first, last + 1), parts, strict=True):
+            assert part is not None
             base = content.start(i)
-            pieces.append(memoryview(data)[max(offset, base) - base : min(end, ends[i]) - base])
+            pieces.append(memoryview(part)[max(offset, base) - base : min(end, ends[i]) - base])
         return b"".join(pieces)
 
     def cached(self, blob_id: bytes) -> bool:
