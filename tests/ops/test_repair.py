@@ -41,8 +41,10 @@ def vault_copy(tmp_path_factory, tmp_path) -> Vault:
 
 def run_repair(v: Vault, **options) -> object:
     repo = v.open()
+    if not options.get("delete"):
+        options.setdefault("quarantine", str(v.tmp / "quarantine"))
     with repo.lock(exclusive=not options.get("dry_run", False)):
-        return repair(repo, quarantine=str(v.tmp / "quarantine"), **options)
+        return repair(repo, **options)
 
 
 def assert_clean(v: Vault) -> None:
@@ -225,7 +227,7 @@ def test_deleted_snapshot_is_reported_and_its_packindex_removed(vault_copy):
         v.restore_matches(v.ids[tag], v.files[tag])
 
 
-def test_garbage_in_data_is_quarantined(vault_copy):
+def test_garbage_in_data_is_deleted(vault_copy):
     v = vault_copy
     junk = os.urandom(5000)
     name = "ab" + os.urandom(31).hex()
@@ -238,9 +240,13 @@ def test_garbage_in_data_is_quarantined(vault_copy):
     assert {p.kind for p in report.problems} == {"not-a-pack"}
     assert report.damaged_snapshots == []
 
-    result = run_repair(v)
-    assert result.clean and result.snapshots == []
-    assert (v.tmp / "quarantine" / "data" / "ab" / name).read_bytes() == junk
+    result = run_repair(v, delete=True)
+    assert result.clean and result.snapshots == [] and result.quarantine is None
+    assert {(a.kind, a.object) for a in result.actions} == {
+        ("delete", f"data/ab/{name}"),
+        ("delete", "data/00/notes.txt"),
+    }
+    assert not (v.path / "data" / "ab" / name).exists() and not (v.tmp / "quarantine").exists()
     assert verify(v.open().backend).ok
     assert_clean(v)
     for tag in "abc":

@@ -605,17 +605,20 @@ class _Checker:
                     )
                 bad = []
                 for b, why in results:
-                    key = (pack, b.offset, b.id)
-                    if why is None:
-                        self.good_locs.add(key)
-                        self.pack_good_blobs[pack] += 1
-                    else:
+                    if why is not None:
+                        key = (pack, b.offset, b.id)
                         self.bad_locs[key] = f"it is damaged in pack {pack.hex()[:12]} ({why})"
                         bad.append(f"{TYPE_NAMES[b.blob_type]}:{b.id.hex()}")
-                self.pack_bad_blobs[pack] += bad
                 if bad and pack not in self.bad_packs:
                     self.bad_packs[pack] = [f"{len(bad)} blob(s) do not decrypt or hash right"]
                     newly_bad = True
+                if pack in self.bad_packs:
+                    # Only damaged packs need to know which of their blobs are intact.
+                    self.pack_bad_blobs[pack] += bad
+                    for b, why in results:
+                        if why is None:
+                            self.good_locs.add((pack, b.offset, b.id))
+                            self.pack_good_blobs[pack] += 1
                 if newly_bad:
                     self.problem(
                         "data",

@@ -248,6 +248,8 @@ class _Repair:
         )
         self.gone: set[str] = set()  # vault paths moved away (or, in a dry run, to be)
         self.suspect_packs: set[str] = set()
+        self.index_dirty = False  # an index file or an indexed pack was moved away
+        self._index_packs: set[str] | None = None
 
     def stage(self, name: str) -> None:
         if self.on_stage is not None:
@@ -259,8 +261,20 @@ class _Repair:
     def take(self, path: str, why: str) -> None:
         if path in self.gone:
             return
+        if path.startswith("index/") or (
+            path.startswith("data/") and self._indexed(path.rsplit("/", 1)[1])
+        ):
+            self.index_dirty = True
         self.gone.add(path)
         self.q.take(path, why)
+
+    def _indexed(self, name: str) -> bool:
+        """Whether the current index names this pack (then removing it calls for a rebuild)."""
+        if self._index_packs is None:
+            if not self.repo.index_loaded:
+                self.repo.load_index(on_error=lambda _exc: None)
+            self._index_packs = {p.hex() for p in self.repo.index.pack_ids()}
+        return name in self._index_packs
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -343,6 +357,8 @@ class _Repair:
                     )
                     for loc in self.repo.index.blobs_in_pack(pack)
                 ]
+            if not blobs:
+                continue  # not a pack at all: nothing to salvage
             n = 0
             for b, why in check_blobs(self.repo, pack, data, blobs):
                 if why is not None:
@@ -393,6 +409,8 @@ class _Repair:
             return
         self.stage("rebuilding the index")
         result = rebuild_indexes(self.repo, on_advance=self.on_advance)
+        self.index_dirty = False
+        self._index_packs = None
         for bad in result.packs_unreadable:
             # The header went bad since the check: next round salvages it.
             self.suspect_packs.add(bad.id)
@@ -521,11 +539,7 @@ class _Repair:
             self.report.rounds = round_no
             doomed = self.salvage_packs(found)
             self.fix_files(found, doomed)
-            if (
-                doomed
-                or found.index_needs_rebuild
-                or any(p.startswith(("data/", "index/")) for p in self.gone)
-            ):
+            if found.index_needs_rebuild or self.index_dirty:
                 self.rebuild()
             changed = self.fix_snapshots(found)
             if not self.dry_run and (changed or any(p.startswith("snapshots/") for p in self.gone)):

@@ -57,7 +57,8 @@ CONSEQUENCES = {
 READ_SIZE = 4 * 1024 * 1024
 _NAME = re.compile(r"[0-9a-f]{64}\Z")
 _SUBDIR = re.compile(r"[0-9a-f]{2}\Z")
-# How often (seconds) the state file is saved while a run is going, so a killed run loses little.
+# How often (seconds) the state file is saved while a run is going, so a killed run loses little; at
+# least 20 times as long as a save takes, so a huge JSON state never costs more than 5% of the run.
 STATE_SAVE_EVERY = 5.0
 
 ProgressCallback = Callable[[int], None]
@@ -632,6 +633,7 @@ def _hash_all(
     hasher = _Hasher(backend, progress)
     window = workers * 4
     last_save = time.monotonic()
+    save_every = STATE_SAVE_EVERY
 
     def handle(fut: Future, f: VaultFile) -> None:
         outcome, size, detail = fut.result()
@@ -659,9 +661,11 @@ def _hash_all(
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         handle(fut, pending.pop(fut))
-                    if state is not None and time.monotonic() - last_save > STATE_SAVE_EVERY:
+                    if state is not None and time.monotonic() - last_save > save_every:
+                        began = time.monotonic()
                         state.save()
                         last_save = time.monotonic()
+                        save_every = max(STATE_SAVE_EVERY, 20 * (last_save - began))
                 pending[pool.submit(hasher.check, f)] = f
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
