@@ -87,7 +87,8 @@ def test_damage_temp_and_stray_files_reported_by_folder(tmp_path):
     bad = {b.path: b for b in report.bad}
     assert set(bad) == {pack, index, "data/00/garbage.txt", f"data/{wrong}/{name}"}
     assert bad[pack].folder == "data" and bad[pack].consequence == CONSEQUENCES["data"]
-    assert "hash mismatch" in bad[pack].problem
+    assert "hash mismatch" in bad[pack].problem and bad[pack].kind == "damaged"
+    assert bad["data/00/garbage.txt"].kind == "unexpected"
     assert bad[index].folder == "index" and bad[index].consequence == CONSEQUENCES["index"]
     assert "not a vault object name" in bad["data/00/garbage.txt"].problem
     assert "wrong folder" in bad[f"data/{wrong}/{name}"].problem

@@ -306,14 +306,12 @@ class _Repair:
         for bad in found.bad:
             if bad.path in self.gone:
                 continue
-            name = bad.path.rsplit("/", 1)[-1]
-            is_object = "hash mismatch" in bad.problem or bad.problem.startswith("unreadable")
-            if bad.folder == "data" and is_object:
+            if bad.path.endswith("/"):
+                continue  # a folder where none belongs: left for the admin
+            if bad.folder == "data" and bad.kind != "unexpected":
                 # A pack is not moved at once: its intact blobs are salvaged first.
-                self.suspect_packs.add(name)
-            elif bad.folder == "keys" and is_object:
-                self.take(bad.path, f"corrupt key file ({bad.problem})")
-            elif not bad.path.endswith("/"):
+                self.suspect_packs.add(bad.path.rsplit("/", 1)[1])
+            else:
                 self.take(bad.path, bad.problem)
         for path in found.temp_files:
             if not path.startswith("locks/"):  # our own lock refresh may be writing one right now

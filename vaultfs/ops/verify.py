@@ -70,13 +70,15 @@ ProgressCallback = Callable[[int], None]
 @dataclass(frozen=True)
 class BadFile:
     """One file that failed: ``path`` relative to the vault (``data/3f/3f…``), its folder, what is
-    wrong, and what that means for the vault."""
+    wrong, and what that means for the vault. ``kind`` is ``damaged`` (its hash is not its name),
+    ``unreadable``, ``unexpected`` (not a vault object, or not where one belongs) or ``gone``."""
 
     path: str
     folder: str
     problem: str
     consequence: str
     size: int = 0
+    kind: str = "damaged"
 
 
 @dataclass
@@ -198,6 +200,7 @@ class _Scan:
                 problem,
                 "none for the vault (restic and vaultfs ignore it); repair moves it away",
                 size,
+                "unexpected",
             )
         )
 
@@ -257,7 +260,13 @@ class _Scan:
         except OSError as exc:
             rel = os.path.relpath(path, root)
             self.report.bad.append(
-                BadFile(rel + "/", folder, f"cannot list: {exc.strerror}", CONSEQUENCES[folder])
+                BadFile(
+                    rel + "/",
+                    folder,
+                    f"cannot list: {exc.strerror}",
+                    CONSEQUENCES[folder],
+                    kind="unreadable",
+                )
             )
             return
         for entry in entries:
@@ -578,7 +587,13 @@ def verify(
                 folder = path.split("/", 1)[0]
                 if folder in CONSEQUENCES and folder != "locks":
                     report.gone_since_last_run.append(
-                        BadFile(path, folder, "gone since the last run", CONSEQUENCES[folder])
+                        BadFile(
+                            path,
+                            folder,
+                            "gone since the last run",
+                            CONSEQUENCES[folder],
+                            kind="gone",
+                        )
                     )
                 state.forget(path)
         threshold = None
@@ -649,7 +664,10 @@ def _hash_all(
             report.flaky.append(f.path)
         if not good:
             problem = detail if outcome == "bad" else f"unreadable: {detail}"
-            report.bad.append(BadFile(f.path, f.folder, problem, CONSEQUENCES[f.folder], f.size))
+            kind = "damaged" if outcome == "bad" else "unreadable"
+            report.bad.append(
+                BadFile(f.path, f.folder, problem, CONSEQUENCES[f.folder], f.size, kind)
+            )
         if state is not None:
             state.record(f.path, f.size, clock(), good)
 
