@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -243,7 +244,7 @@ class BucketServer:
                         await tx.send(piece)
 
             try:
-                async with trio.open_nursery() as nursery:
+                async with one_error(), trio.open_nursery() as nursery:
                     nursery.start_soon(reader)
                     async with rx:
                         async for piece in rx:
@@ -304,7 +305,7 @@ class BucketServer:
                 async for batch in receive:
                     await self._thread(upload.write_sync, batch)
 
-        async with trio.open_nursery() as nursery:
+        async with one_error(), trio.open_nursery() as nursery:
             nursery.start_soon(writer)
             async with send:
                 batch: list[bytes] = []
@@ -355,6 +356,27 @@ def _open_range_sync(
             raise StorageError("object shorter than its size")
         return size, span, data, None
     return size, span, b"", fd
+
+
+@asynccontextmanager
+async def one_error() -> AsyncIterator[None]:
+    """Unwrap a nursery's ExceptionGroup that holds a single error, so callers can catch ClientGone
+    or StorageError as they are (a helper task fails alone; its siblings are just cancelled)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def exception_response(request: Request, exc: Exception) -> Response:

