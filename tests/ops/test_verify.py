@@ -75,6 +75,8 @@ def test_damage_temp_and_stray_files_reported_by_folder(tmp_path):
     flip(root / pack)
     flip(root / index)
     (root / f"{pack}-tmp-0123abcd").write_bytes(b"half a pack")
+    rsync_temp = f"index/.{index.rsplit('/', 1)[1]}.Ab12Cd"
+    (root / rsync_temp).write_bytes(b"half an index")
     (root / "data" / "00").mkdir(exist_ok=True)
     (root / "data" / "00" / "garbage.txt").write_bytes(b"nothing")
     name = hashlib.sha256(b"misplaced").hexdigest()
@@ -92,7 +94,7 @@ def test_damage_temp_and_stray_files_reported_by_folder(tmp_path):
     assert bad[index].folder == "index" and bad[index].consequence == CONSEQUENCES["index"]
     assert "not a vault object name" in bad["data/00/garbage.txt"].problem
     assert "wrong folder" in bad[f"data/{wrong}/{name}"].problem
-    assert report.temp_files == [f"{pack}-tmp-0123abcd"]
+    assert report.temp_files == [f"{pack}-tmp-0123abcd", rsync_temp]
     assert report.files_checked == len(paths)
 
 

@@ -2,7 +2,8 @@
 
 Works on anything in the vault layout: a vault folder, a copy on a USB disk, a bucket folder on a NAS,
 or any backend (through ``Backend.read``). ``config`` is not content-addressed and is skipped; leftover
-temp files (``-tmp-`` in the name, from interrupted writes) are listed apart, not as corruption. Files in
+temp files (``-tmp-`` in the name, from interrupted writes, or rsync's ``.<name>.<random>``) are
+listed apart, not as corruption. Files in
 the vault's folders whose names are not object names, or that sit in the wrong ``data/`` sub-folder, are
 reported as unexpected: restic and vaultfs never look at them.
 
@@ -247,7 +248,7 @@ class _Scan:
                         yield from self._local_dir(root, entry.path, folder, entry.name)
                     else:
                         self._unexpected(rel + "/", folder, "unexpected folder")
-                elif TEMP_MARK in entry.name:
+                elif _is_temp(entry.name):
                     self.report.temp_files.append(rel)
                 else:
                     self._unexpected(rel, folder, "a file directly in data/ (not in a sub-folder)")
@@ -271,7 +272,7 @@ class _Scan:
             return
         for entry in entries:
             rel = os.path.relpath(entry.path, root)
-            if TEMP_MARK in entry.name:
+            if _is_temp(entry.name):
                 self.report.temp_files.append(rel)
                 continue
             try:
@@ -289,6 +290,12 @@ class _Scan:
                 )
             else:
                 yield VaultFile(rel, folder, entry.name, size, entry.path)
+
+
+def _is_temp(name: str) -> bool:
+    """Temp files of interrupted writes: ours and the bucket server's (``<name>-tmp-<random>``), and
+    rsync's (``.<name>.<random>``, while a copy to the NAS is running)."""
+    return TEMP_MARK in name or name.startswith(".")
 
 
 # -- hashing ------------------------------------------------------------------------------------
