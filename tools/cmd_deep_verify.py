@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vaultfs.backend import open_backend
 from vaultfs.errors import UsageError, VaultError
-from vaultfs.ops.deepverify import DeepVerifyReport, deep_verify
-from vaultfs.ops.verify import Subset
 from vaultfs.repo.repository import Repository
 from vaultfs.tools.common import Output, location, locked, read_password, to_jsonable
+
+if TYPE_CHECKING:
+    from vaultfs.ops.deepverify import DeepVerifyReport
 
 #: Files listed per damaged snapshot in text output (--json lists all).
 SHOW_FILES = 20
@@ -128,6 +129,10 @@ def render_files(out: Output, files: list, limit: int = SHOW_FILES, indent: str 
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    # Imported here: every `vault` command imports this module to build its parser.
+    from vaultfs.ops.deepverify import deep_verify
+    from vaultfs.ops.verify import Subset
+
     subset = None
     if args.read_data_subset:
         subset = Subset.parse(args.read_data_subset)

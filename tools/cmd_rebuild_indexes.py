@@ -13,10 +13,13 @@ Exit status 0 when every pack was indexed, 1 when some packs or blobs had to be 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from vaultfs.ops.rebuild import RebuildReport, rebuild_indexes
 from vaultfs.tools.cmd_deep_verify import StagedProgress, open_vault
 from vaultfs.tools.common import Output, locked, to_jsonable
+
+if TYPE_CHECKING:
+    from vaultfs.ops.rebuild import RebuildReport
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    from vaultfs.ops.rebuild import rebuild_indexes  # here: every command imports this module
+
     repo = open_vault(args)
     with locked(repo, exclusive=True), StagedProgress(out) as bar:
         report = rebuild_indexes(

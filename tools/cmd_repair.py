@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from vaultfs.errors import UsageError
-from vaultfs.ops.repair import DEFAULT_TAG, RepairReport, repair
-from vaultfs.ops.verify import Subset
 from vaultfs.tools.cmd_deep_verify import StagedProgress, open_vault, render_files
 from vaultfs.tools.common import Output, locked, to_jsonable
+
+if TYPE_CHECKING:
+    from vaultfs.ops.repair import RepairReport
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,9 +74,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tag",
-        default=DEFAULT_TAG,
         metavar="TAG",
-        help=f"tag added to snapshots rewritten by --salvage (default: {DEFAULT_TAG})",
+        help="tag added to snapshots rewritten by --salvage (default: repaired)",
     )
     p.set_defaults(func=run)
     return p
@@ -92,9 +93,14 @@ def parse_time(text: str) -> int:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    # Imported here: every `vault` command imports this module to build its parser.
+    from vaultfs.ops.repair import DEFAULT_TAG, repair
+    from vaultfs.ops.verify import Subset
+
     rollback = parse_time(args.rollback_to) if args.rollback_to else None
     subset = Subset.parse(args.read_data_subset) if args.read_data_subset else None
-    if not args.tag:
+    tag = DEFAULT_TAG if args.tag is None else args.tag
+    if not tag:
         raise UsageError("--tag must not be empty")
     repo = open_vault(args)
     with locked(repo, exclusive=not args.dry_run), StagedProgress(out) as bar:
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
             rollback_to=rollback,
             read_data=args.read_data or subset is not None,
             subset=subset,
-            tag=args.tag,
+            tag=tag,
             on_stage=bar.stage,
             on_advance=bar.advance,
         )

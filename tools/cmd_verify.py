@@ -12,11 +12,14 @@ or when config or every key file is missing.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from vaultfs.backend import open_backend
 from vaultfs.errors import UsageError
-from vaultfs.ops.verify import Subset, VerifyReport, parse_duration, verify
 from vaultfs.tools.common import Output, option, to_jsonable
+
+if TYPE_CHECKING:
+    from vaultfs.ops.verify import VerifyReport
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    # Imported here: every `vault` command imports this module to build its parser.
+    from vaultfs.ops.verify import Subset, parse_duration, verify
+
     loc = args.location or option(args, "repo", "VAULT_REPOSITORY")
     if not loc:
         raise UsageError("no vault given: name a LOCATION, use -r/--repo or set VAULT_REPOSITORY")
