@@ -442,6 +442,30 @@ class _Dir:
         self.meta_same = False
 
 
+class _Pending:
+    """A folder waiting to be walked."""
+
+    __slots__ = ("dir", "path", "abspath")
+
+    def __init__(self, d: _Dir, path: bytes, abspath: str) -> None:
+        self.dir = d
+        self.path = path
+        self.abspath = abspath
+
+
+class _Listing:
+    """A scanned folder: its entries (name, lstat or error) in byte order, or the error listing it
+    gave, and its parent tree's entries (None: no parent tree here)."""
+
+    __slots__ = ("entries", "error", "previous", "expected")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[bytes, os.stat_result | OSError]] = []
+        self.error: OSError | None = None
+        self.previous: dict[str, dict[str, Any]] | None = None
+        self.expected = 0
+
+
 class _Unchanged:
     """A file equal to the parent snapshot's: its node is only made if its folder's tree changed."""
 
@@ -815,21 +839,51 @@ class _Backup:
     # -- previous snapshot --------------------------------------------------------------------
 
     def previous_entries(self, d: _Dir) -> dict[str, dict[str, Any]]:
-        """The parent snapshot's entries of folder ``d`` by name, as raw JSON objects (cheaper than
-        Nodes, and comparable with ``file_doc``). Sets up ``d.same``. A tree that cannot be loaded
-        means no parent here."""
-        d.same = False
-        if d.previous is None:
-            return {}
+        """The parent snapshot's entries of folder ``d`` by name; sets up ``d.same``."""
+        entries, count = self.load_previous(d.previous)
+        d.same = entries is not None
+        d.expected = count
+        return entries or {}
+
+    def load_previous(self, tree_id: bytes | None) -> tuple[dict[str, dict[str, Any]] | None, int]:
+        """A parent tree's entries by name as raw JSON objects (cheaper than Nodes, and comparable
+        with ``file_doc``) and how many there are; None when there is none or it cannot be loaded
+        (then there is no parent here)."""
+        if tree_id is None:
+            return None, 0
         try:
-            doc = json.loads(self.repo.load_blob(TREE, d.previous))
+            doc = json.loads(self.repo.load_blob(TREE, tree_id))
             entries = doc.get("nodes") or []
-            out = {fs_name(go_unquote(e["name"])): e for e in entries}
+            return {fs_name(go_unquote(e["name"])): e for e in entries}, len(entries)
         except (VaultError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
-        d.same = True
-        d.expected = len(entries)
-        return out
+            return None, 0
+
+    def scan(self, path: bytes, previous: bytes | None) -> _Listing:
+        """List a folder, ``lstat`` its entries (through the folder's descriptor: the kernel looks up
+        one name, not the whole path) and load its parent tree."""
+        listing = _Listing()
+        try:
+            fd = os.open(path, _DIR_FLAGS)
+        except OSError as exc:
+            listing.error = exc
+            return listing
+        try:
+            # A descriptor lists str names; back to the exact bytes, in restic's (byte) order.
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+            entries: list[tuple[bytes, os.stat_result | OSError]] = []
+            for raw in names:
+                try:
+                    entries.append((raw, os.lstat(raw, dir_fd=fd)))
+                except OSError as exc:
+                    entries.append((raw, exc))
+            listing.entries = entries
+        except OSError as exc:
+            listing.error = exc
+            return listing
+        finally:
+            os.close(fd)
+        listing.previous, listing.expected = self.load_previous(previous)
+        return listing
 
     def same_node(self, node: Node, prev: dict[str, Any] | None) -> bool:
         """Whether ``node`` (without its subtree) encodes to the parent snapshot's entry."""
@@ -877,19 +931,20 @@ class _Backup:
         path: bytes,
         abspath: str,
         prev: dict[str, Any] | None,
-        subdirs: list[tuple[_Dir, bytes, str]],
-        dir_fd: int | None = None,
-        raw: bytes = b"",
+        subdirs: list[_Pending],
+        st: os.stat_result | OSError | None = None,
     ) -> None:
         """One directory entry (or leaf target): left out, recorded now, or handed to the readers.
-        With ``dir_fd`` (the open folder) and ``raw`` (the entry's name) the kernel looks up one name
-        instead of the whole path."""
+        ``st`` is its ``lstat`` (or the error it gave) when the folder was scanned ahead."""
         if self.excluder.patterns and self.excluder.excluded_by_name(abspath):
             return
-        try:
-            st = os.lstat(raw, dir_fd=dir_fd) if dir_fd is not None else os.lstat(path)
-        except OSError as exc:
-            self.problem(abspath, _os_message(exc))
+        if st is None:
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                st = exc
+        if isinstance(st, OSError):
+            self.problem(abspath, _os_message(st))
             return
         mode = st.st_mode
         if self.excluder.devices is not None and self.excluder.excluded_by_device(
@@ -911,7 +966,7 @@ class _Backup:
             sub = _Dir(d, self.reserve(d), node, _subtree(prev))
             sub.had_previous = prev is not None and prev.get("type") == "dir"
             sub.meta_same = d.same and self.same_node(node, prev)
-            subdirs.append((sub, path, abspath))
+            subdirs.append(_Pending(sub, path, abspath))
             return
         if d.same and not self.same_node(node, prev):
             d.same = False
@@ -972,9 +1027,9 @@ class _Backup:
         node = _Unchanged(name, path, st, times, xattrs, content).node(self.owners)
         d.nodes.append(node)
 
-    def walk_targets(self, top: _Target, root: _Dir) -> list[tuple[_Dir, bytes, str]]:
+    def walk_targets(self, top: _Target, root: _Dir) -> list[_Pending]:
         """Lay out the target tree under ``root``; returns the folders still to be walked."""
-        pending: list[tuple[_Dir, bytes, str]] = []
+        pending: list[_Pending] = []
         stack = [(top, root)]
         while stack:
             target, d = stack.pop()
@@ -1004,38 +1059,32 @@ class _Backup:
             self.complete(d, -1, None)
         return pending
 
-    def walk(self, pending: list[tuple[_Dir, bytes, str]]) -> None:
-        """Depth-first over the folders to back up, in name order."""
+    def walk(self, pending: list[_Pending]) -> None:
+        """Depth-first over the folders to back up, in name order. (Listing folders ahead in a helper
+        thread was tried: the GIL hand-offs cost more than the overlap gained.)"""
         stack = list(reversed(pending))
         while stack:
             self.check()
-            d, path, abspath = stack.pop()
-            try:
-                fd = os.open(path, _DIR_FLAGS)
-            except OSError as exc:
-                self.problem(abspath, _os_message(exc))
+            item = stack.pop()
+            d = item.dir
+            listing = self.scan(item.path, d.previous)
+            if listing.error is not None:
+                self.problem(item.abspath, _os_message(listing.error))
                 self.drop_dir(d)
                 continue
-            try:
-                # A descriptor lists str names; back to the exact bytes.
-                names = [os.fsencode(n) for n in os.listdir(fd)]
-            except OSError as exc:
-                os.close(fd)
-                self.problem(abspath, _os_message(exc))
-                self.drop_dir(d)
-                continue
-            try:
-                prev = self.previous_entries(d)
-                subdirs: list[tuple[_Dir, bytes, str]] = []
-                base = path if path.endswith(b"/") else path + b"/"
-                abase = abspath if abspath.endswith("/") else abspath + "/"
-                for raw in sorted(names):
-                    name = fs_name(raw)
-                    self.add_entry(
-                        d, name, base + raw, abase + name, prev.get(name), subdirs, fd, raw
-                    )
-            finally:
-                os.close(fd)
+            prev = listing.previous
+            if prev is not None:
+                d.same = True
+                d.expected = listing.expected
+            else:
+                d.same = False
+                prev = {}
+            subdirs: list[_Pending] = []
+            base = item.path if item.path.endswith(b"/") else item.path + b"/"
+            abase = item.abspath if item.abspath.endswith("/") else item.abspath + "/"
+            for raw, st in listing.entries:
+                name = fs_name(raw)
+                self.add_entry(d, name, base + raw, abase + name, prev.get(name), subdirs, st)
             self.complete(d, -1, None)
             stack.extend(reversed(subdirs))
         self.submit_batch()
