@@ -41,6 +41,7 @@ from vaultfs.format.tree import Node, fs_bytes
 from vaultfs.fuse.catalog import Catalog
 from vaultfs.fuse.inodes import Inode, Leaf, TreeDir, VirtualDir, VirtualLink, node_attrs, xattrs
 from vaultfs.fuse.layout import Child, Layout, SnapRoot, VDir, build_layout
+from vaultfs.fuse.pages import PagePusher
 from vaultfs.fuse.reader import BlobReader, BlobUnreadable, FileContent, file_content_sync
 from vaultfs.repo.repository import Repository
 
@@ -119,6 +120,7 @@ class VaultOperations(pyfuse3.Operations):
         cache_bytes: int = 64 * 1024 * 1024,
         threads: int = 4,
         refresh_interval: float = 3.0,
+        push_pages: bool = True,
     ) -> None:
         super().__init__()
         self.repo = repo
@@ -126,6 +128,7 @@ class VaultOperations(pyfuse3.Operations):
         self.catalog = catalog
         self.limiter = trio.CapacityLimiter(threads)
         self.reader = BlobReader(repo, self.limiter, cache_bytes)
+        self.pusher = PagePusher() if push_pages else None
         self.refresh_interval = refresh_interval
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -564,6 +567,7 @@ class VaultOperations(pyfuse3.Operations):
         else:
             return
         blobs: list[bytes] = []
+        files: list[tuple[int, Node]] = []
         total = 0
         end = start
         for node in parent.nodes[start : start + SIBLING_FILES]:
@@ -572,10 +576,38 @@ class VaultOperations(pyfuse3.Operations):
                     break
                 blobs.extend(node.content)
                 total += node.size
+                ino = parent.children.get(parent.names[end])
+                if ino is not None and ino in self._inodes:
+                    files.append((ino, node))
             end += 1
         parent.ahead = end
         parent.refill = start + (end - start) // 2
-        self.reader.prefetch(blobs)
+        then = functools.partial(self._push_files, files) if self.pusher and files else None
+        self.reader.prefetch(blobs, then)
+
+    def _push_files(self, files: list[tuple[int, Node]], got: dict[bytes, bytes]) -> None:
+        """Put small files fetched ahead into the kernel's page cache (see pages.py)."""
+        assert self.pusher is not None
+        for ino, node in files:
+            parts = [got.get(blob_id) for blob_id in node.content or []]
+            if None in parts or ino not in self._inodes:
+                continue
+            offset = 0
+            for part in parts:
+                assert part is not None
+                size = min(len(part), node.size - offset)
+                if size <= 0:
+                    break
+                self.pusher.push(ino, offset, memoryview(part)[:size])
+                offset += size
+
+    def _push_ahead(self, f: _OpenFile, index: int, data: bytes) -> None:
+        """Put a blob that read-ahead fetched into the kernel's page cache."""
+        assert self.pusher is not None
+        offset = f.content.start(index)
+        size = min(len(data), f.leaf.node.size - offset)
+        if size > 0 and f.leaf.ino in self._inodes:
+            self.pusher.push(f.leaf.ino, offset, memoryview(data)[:size])
 
     @_guarded
     async def read(  # type: ignore[override]  # pyfuse3 sends any buffer; a memoryview is zero-copy
@@ -589,7 +621,8 @@ class VaultOperations(pyfuse3.Operations):
         sequential = abs(off - f.next_off) <= SEQUENTIAL_SLACK
         f.next_off = off + size
         try:
-            return await self.reader.read(f.content, off, size, f.path, sequential)
+            ahead = functools.partial(self._push_ahead, f) if self.pusher else None
+            return await self.reader.read(f.content, off, size, f.path, sequential, ahead)
         except BlobUnreadable:
             raise pyfuse3.FUSEError(errno.EIO) from None
 

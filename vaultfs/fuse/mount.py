@@ -61,6 +61,7 @@ class MountOptions:
     paths: list[str] = field(default_factory=list)
     threads: int = 0
     refresh_interval: float = 3.0
+    push_pages: bool = True
 
     def worker_threads(self) -> int:
         # Reads are CPU-bound (SHA-256, AES, zstd release the GIL): one thread per core keeps every core
@@ -117,6 +118,7 @@ def build_operations(repo: Repository, mountpoint: str, options: MountOptions) -
         "cache_bytes": options.cache_bytes,
         "threads": options.worker_threads(),
         "refresh_interval": options.refresh_interval,
+        "push_pages": options.push_pages,
     }
     if options.snapshot is None:
         catalog = Catalog(
@@ -229,16 +231,22 @@ async def _serve(
 ) -> None:
     async with trio.open_nursery() as nursery:
         ops.reader.nursery = nursery
-        nursery.start_soon(_unmount_on_signal)
+        if ops.pusher is not None:
+            ops.pusher.nursery = nursery
+        nursery.start_soon(_unmount_on_signal, ops)
         if ready is not None:
             ready(mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _unmount_on_signal() -> None:
+async def _unmount_on_signal(ops: VaultOperations) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
+            if ops.pusher is not None:
+                # A page store may wait for a read request to be answered: finish them while
+                # requests are still being served.
+                await ops.pusher.close()
             # main() returns; close() in mount() then unmounts.
             pyfuse3.terminate()
             return

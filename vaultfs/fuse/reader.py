@@ -22,6 +22,7 @@ threads, and they touch nothing but the (thread-safe) repository.
 
 from __future__ import annotations
 
+import functools
 import logging
 from bisect import bisect_right
 from collections import OrderedDict
@@ -44,6 +45,9 @@ MIN_CACHE = 16 * MIB
 MIN_AHEAD_BLOBS = 2
 #: Neighbouring blobs of one pack are read together up to this many bytes.
 MAX_SPAN = 8 * MIB
+
+#: Called in the trio thread with the blobs a background fetch got: {blob id: plaintext}.
+Fetched = Callable[[dict[bytes, bytes]], None]
 
 
 class BlobUnreadable(Exception):
@@ -136,10 +140,12 @@ class BlobReader:
         size: int,
         path: Callable[[], str],
         sequential: bool,
+        ahead: Callable[[int, bytes], None] | None = None,
     ) -> bytes | memoryview:
         """Bytes ``[offset, offset+size)`` of the file (fewer at its end); raises BlobUnreadable.
 
-        ``path()`` names the file in the message logged when a blob cannot be read.
+        ``path()`` names the file in the message logged when a blob cannot be read. ``ahead(i, data)``
+        is called when read-ahead got blob ``i`` of the file.
         """
         end = min(offset + size, content.readable)
         if offset >= end:
@@ -155,7 +161,7 @@ class BlobReader:
         last = bisect_right(ends, end - 1)
         if sequential:
             # Before waiting for this read's own blob, so the next ones decode meanwhile.
-            self._read_ahead(content, first, end)
+            self._read_ahead(content, first, end, ahead)
         if first == last:
             data = await self.blob(content.blobs[first], path)
             base = content.start(first)
@@ -199,7 +205,13 @@ class BlobReader:
             self._report(path, exc)
             raise
 
-    def _read_ahead(self, content: FileContent, current: int, end: int) -> None:
+    def _read_ahead(
+        self,
+        content: FileContent,
+        current: int,
+        end: int,
+        ahead: Callable[[int, bytes], None] | None,
+    ) -> None:
         """Start fetches for the blobs after ``current`` up to ``readahead`` bytes past ``end``."""
         if self.nursery is None:
             return
@@ -213,21 +225,25 @@ class BlobReader:
                 break
             blob_id = content.blobs[i]
             if not self.cached(blob_id):
-                self._start([blob_id])
+                then = None
+                if ahead is not None:
+                    then = functools.partial(_call_with_blob, ahead, i, blob_id)
+                self._start([blob_id], then)
             i += 1
 
-    def prefetch(self, blob_ids: list[bytes]) -> None:
-        """Fetch these blobs in the background, in one worker-thread call (for many small files)."""
+    def prefetch(self, blob_ids: list[bytes], then: Fetched | None = None) -> None:
+        """Fetch these blobs in the background, in one worker-thread call (for many small files);
+        ``then`` gets the blobs this fetch got."""
         wanted = [b for b in dict.fromkeys(blob_ids) if not self.cached(b)]
         if wanted and self.nursery is not None:
-            self._start(wanted)
+            self._start(wanted, then)
 
-    def _start(self, blob_ids: list[bytes]) -> None:
+    def _start(self, blob_ids: list[bytes], then: Fetched | None = None) -> None:
         """Register the fetches now (so nobody starts them twice) and run them in the nursery."""
         assert self.nursery is not None
         fetches = {blob_id: _Fetch() for blob_id in blob_ids}
         self._pending.update(fetches)
-        self.nursery.start_soon(self._run, fetches)
+        self.nursery.start_soon(self._run, fetches, then)
 
     async def _fetch(self, blob_id: bytes) -> bytes:
         fetch = _Fetch()
@@ -237,8 +253,9 @@ class BlobReader:
         assert fetch.data is not None
         return fetch.data
 
-    async def _run(self, fetches: dict[bytes, _Fetch]) -> None:
+    async def _run(self, fetches: dict[bytes, _Fetch], then: Fetched | None = None) -> None:
         self._pending.update(fetches)
+        got: dict[bytes, bytes] = {}
         try:
             results = await trio.to_thread.run_sync(
                 self._load_many_sync, list(fetches), limiter=self.limiter
@@ -251,11 +268,14 @@ class BlobReader:
                     fetch.data = result
                     self.fetched += 1
                     self._store(blob_id, result)
+                    got[blob_id] = result
         finally:
             for blob_id, fetch in fetches.items():
                 if self._pending.get(blob_id) is fetch:
                     del self._pending[blob_id]
                 fetch.done.set()
+        if then is not None and got:
+            then(got)
 
     # -- worker threads --------------------------------------------------------------------------
 
@@ -335,6 +355,14 @@ class BlobReader:
             where,
             exc.reason,
         )
+
+
+def _call_with_blob(
+    fn: Callable[[int, bytes], None], index: int, blob_id: bytes, got: dict[bytes, bytes]
+) -> None:
+    data = got.get(blob_id)
+    if data is not None:
+        fn(index, data)
 
 
 def _runs(locations: list[BlobLocation]) -> list[list[BlobLocation]]:
