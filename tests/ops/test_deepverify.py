@@ -86,6 +86,9 @@ def make_vault_copy(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) ->
     if "v" not in _BASE:
         _BASE["v"] = _build(tmp_path_factory.mktemp("maintenance-base"))
     base = _BASE["v"]
+    if "key" not in _KEYS:  # from the pristine vault: a test may damage its copy's keys
+        opened = Repository.open(LocalBackend(str(base.path)), PASSWORD.encode())
+        _KEYS["key"] = (opened.key, opened.config)
     shutil.copytree(base.path, tmp_path / "vault")
     return Vault(tmp_path / "vault", base.ids, base.files, tmp_path)
 
@@ -107,9 +110,6 @@ class Vault:
 
     def open(self) -> Repository:
         """The vault opened with the session's master key (scrypt runs once per session)."""
-        if "key" not in _KEYS:
-            opened = Repository.open(LocalBackend(str(self.path)), PASSWORD.encode())
-            _KEYS["key"] = (opened.key, opened.config)
         key, config = _KEYS["key"]
         repo = Repository(LocalBackend(str(self.path)), key, config)
         repo.load_index()
@@ -278,8 +278,7 @@ def test_remote_vault_verify_deep_verify_and_cache(vault_copy, tmp_path, monkeyp
     remote = open_backend(location)
     try:
         assert verify(remote).ok
-        repo = Repository(remote, *_KEYS["key"]) if "key" in _KEYS else None
-        repo = repo or Repository.open(remote, PASSWORD.encode())
+        repo = Repository(remote, *_KEYS["key"])
         first = deep_verify(repo)  # remote: pack headers and tree packs go to the cache
         assert first.ok and first.snapshots == 3
         cached = [p for p in Path(VaultCache(repo.id).root).rglob("*") if p.is_file()]
