@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from vaultfs.backend import open_backend
-from vaultfs.errors import UsageError, VaultError
+from vaultfs.errors import NoVault, UsageError, VaultError
 from vaultfs.repo.repository import Repository
 
 
@@ -47,6 +47,12 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         "(env VAULT_PASSWORD_COMMAND)",
     )
     g.add_argument(
+        "--cacert",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="trust the CA certificate(s) in FILE for rest:https:// vaults (env VAULT_CACERT)",
+    )
+    g.add_argument(
         "--json",
         action="store_true",
         default=argparse.SUPPRESS,
@@ -69,6 +75,8 @@ def option(args: argparse.Namespace, name: str, env: str | None = None) -> Any:
 
 
 def location(args: argparse.Namespace) -> str:
+    if getattr(args, "cacert", None):
+        os.environ["VAULT_CACERT"] = args.cacert  # read by the REST backend
     loc = option(args, "repo", "VAULT_REPOSITORY")
     if not loc:
         raise UsageError("no vault given: use -r/--repo LOCATION or set VAULT_REPOSITORY")
@@ -152,6 +160,10 @@ def read_new_password(args: argparse.Namespace) -> bytes:
 
 def open_repository(args: argparse.Namespace) -> Repository:
     backend = open_backend(location(args))
+    if not backend.exists("config", ""):  # say "no vault" before asking for a password
+        raise NoVault(
+            f"there is no vault at {backend} (no config file); create one with `vault init`"
+        )
     return Repository.open(backend, read_password(args), key_hint=os.environ.get("VAULT_KEY_HINT"))
 
 

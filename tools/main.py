@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
+
+# numpy (the master index) would otherwise start idle-spinning BLAS threads that the CLI never uses.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from vaultfs import __version__
 from vaultfs.errors import EXIT_INTERRUPTED, EXIT_USAGE, VaultError
@@ -52,7 +56,8 @@ EPILOG = """exit codes:
   130  interrupted (Ctrl-C or SIGTERM)
 
 environment:
-  VAULT_REPOSITORY, VAULT_PASSWORD, VAULT_PASSWORD_FILE, VAULT_PASSWORD_COMMAND, TMPDIR, XDG_CACHE_HOME
+  VAULT_REPOSITORY, VAULT_PASSWORD, VAULT_PASSWORD_FILE, VAULT_PASSWORD_COMMAND, VAULT_NEW_PASSWORD,
+  VAULT_CACERT, VAULT_REST_USERNAME, VAULT_REST_PASSWORD, TMPDIR, XDG_CACHE_HOME
 """
 
 
@@ -63,9 +68,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def command_modules() -> list:
+def command_modules(only: str | None = None) -> list:
     mods = []
-    for name in COMMANDS:
+    for name in [only] if only else COMMANDS:
         module = f"vaultfs.tools.cmd_{name.replace('-', '_')}"
         try:
             mods.append(importlib.import_module(module))
@@ -75,7 +80,8 @@ def command_modules() -> list:
     return mods
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, just that command's (imports one command module, not all)."""
     parser = _Parser(
         prog="vault",
         description="vaultfs: encrypted, deduplicating backup vaults in the restic format.",
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for mod in command_modules():
+    for mod in command_modules(only):
         _finish(mod.register(sub))
     return parser
 
@@ -106,9 +112,26 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+_VALUED_GLOBALS = {"-r", "--repo", "--password-file", "--password-command"}
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in argv, so only its module is imported (trio and pyfuse3 cost time to load)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED_GLOBALS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     out = Output(args)
     try:

@@ -131,17 +131,20 @@ class LocalBackend(Backend):
             if length is None:
                 size = os.fstat(fd).st_size
                 length = max(0, size - offset)
-            buf = bytearray(length)
-            view = memoryview(buf)
-            got = 0
+            data = os.pread(fd, length, offset)  # one syscall, no zero-fill, no extra copy
+            if len(data) == length:
+                return data
+            parts = [data]
+            got = len(data)
             while got < length:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n == 0:
+                more = os.pread(fd, length - got, offset + got)
+                if not more:
                     raise BackendError(
                         f"short read of {where}: wanted {length} bytes at offset {offset}, got {got}"
                     )
-                got += n
-            return bytes(buf)
+                parts.append(more)
+                got += len(more)
+            return b"".join(parts)
         except OSError as exc:
             raise _fail("read", where, exc) from None
         finally:

@@ -348,7 +348,8 @@ class Repository:
         self, blob_type: int, plain: bytes | memoryview, compress: bool = True
     ) -> tuple[bytes, int]:
         """(sealed bytes, uncompressed length or 0) as the vault's version stores this blob type."""
-        if self.version >= 2 and (compress or blob_type == TREE):
+        # an empty blob is stored raw: uncompressed length 0 would read as "not compressed"
+        if self.version >= 2 and plain and (compress or blob_type == TREE):
             return self.key.seal(unpacked.compress(plain)), len(plain)
         return self.key.seal(plain), 0
 
