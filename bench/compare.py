@@ -211,15 +211,19 @@ def main(argv: Sequence[str] | None = None, scenarios: list | None = None) -> in
     ap.add_argument("--work", type=Path, help="work folder (default: a new temp folder)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best of them is shown")
     ap.add_argument("--restic", default=shutil.which("restic") or "restic", help="restic binary")
-    ap.add_argument("--only", action="append", help="run only scenarios whose name starts so")
+    ap.add_argument(
+        "--only",
+        action="append",
+        help="show only scenarios whose name starts so (the ones before them still run)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     scenarios = SCENARIOS if scenarios is None else scenarios
     if args.only:
         # A later scenario needs the ones before it; --only just hides rows.
-        shown = {n for n, _f, _t in scenarios if any(n.startswith(o) for o in args.only)}
+        shown = [n for n, _f, _t in scenarios if any(n.startswith(o) for o in args.only)]
     else:
-        shown = {n for n, _f, _t in scenarios}
+        shown = [n for n, _f, _t in scenarios]
     work = args.work or Path(tempfile.mkdtemp(prefix="vaultfs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
