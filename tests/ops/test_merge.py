@@ -11,23 +11,14 @@ import json
 import pytest
 
 from tests.helpers.restic import Restic, require_restic
-from tests.ops.test_prune import PASSWORD, Built, build_vault, data_files
+from tests.ops.test_prune import PASSWORD, Built, build_vault, data_files, restored_files
 from tests.tools.cli import one_line_error, vault
 from vaultfs.backend import LocalBackend
 from vaultfs.errors import VaultError
 from vaultfs.ops.deepverify import deep_verify
 from vaultfs.ops.merge import merge
-from vaultfs.ops.restore import restore
 from vaultfs.ops.split import split
 from vaultfs.repo.repository import Repository, filter_snapshots
-
-
-def _restored(repo: Repository, sid: str, prefix: str, target) -> dict[str, bytes]:
-    report = restore(repo, sid, target, subpath=prefix)
-    assert not report.errors
-    return {
-        str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()
-    }
 
 
 def test_split_then_merge_gives_back_every_snapshot(tmp_path):
@@ -45,7 +36,7 @@ def test_split_then_merge_gives_back_every_snapshot(tmp_path):
     assert sorted(n for n, _ in repo.backend.list("snapshots")) == sorted(built.files)
     assert deep_verify(repo, read_data=True).ok
     for sid in built.files:
-        assert _restored(repo, sid, built.prefix, tmp_path / "r" / sid) == built.files[sid]
+        assert restored_files(repo, sid, built.prefix, tmp_path / "r" / sid) == built.files[sid]
     # merging again copies nothing; the source was only read
     before = data_files(built.path)
     again = merge(repo, other)

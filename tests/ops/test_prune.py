@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.restic import Restic, require_restic
+from tests.helpers.restic import Restic, ResticRepo, require_restic
 from tests.tools.cli import one_line_error, vault
 from vaultfs.backend import Backend, LocalBackend
 from vaultfs.crypto import MasterKey
@@ -33,6 +33,7 @@ from vaultfs.ops.deepverify import deep_verify
 from vaultfs.ops.forget import Policy, forget
 from vaultfs.ops.packindex import load_all
 from vaultfs.ops.prune import MissingData, prune
+from vaultfs.ops.restore import restore
 from vaultfs.repo.repository import Repository
 
 PASSWORD = "pw"
@@ -100,6 +101,15 @@ def snapshot_files(repo: Repository, sid: str, prefix: str) -> dict[str, bytes]:
             assert path.startswith(prefix)
             out[path[len(prefix) :]] = b"".join(repo.load_blob(DATA, b) for b in node.content or [])
     return out
+
+
+def restored_files(repo: Repository, sid: str, prefix: str, target: Path) -> dict[str, bytes]:
+    """Files of a snapshot as `vault restore` writes them, keyed like Built.files."""
+    report = restore(repo, sid, target, subpath=prefix)
+    assert not report.errors
+    return {
+        str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()
+    }
 
 
 def assert_snapshots_intact(repo: Repository, built: Built, ids: list[str] | None = None) -> None:
@@ -342,3 +352,24 @@ def test_prune_killed_with_sigkill_then_rerun(forgotten, tmp_path):
     repo = built.repo()
     assert_snapshots_intact(repo, built, kept)
     assert deep_verify(repo).ok
+
+
+def _prune_restics_repository(made: ResticRepo, tmp_path: Path) -> None:
+    """Forget the big snapshot of a repository restic made and prune it: restic must still be happy."""
+    shutil.copytree(made.path, tmp_path / "repo")
+    repo = Repository.open(LocalBackend(str(tmp_path / "repo")), made.password.encode())
+    with repo.lock(exclusive=True):
+        forget(repo, snapshot_ids=[made.snapshot_id])
+        report = prune(repo)
+    assert (report.packs_deleted or report.packs_repacked) and report.unused_bytes_after == 0
+    Restic(tmp_path / "repo", made.password).check("--read-data")
+    assert deep_verify(repo).ok
+    assert [n for n, _ in repo.backend.list("snapshots")] == [made.tagged_snapshot_id]
+
+
+def test_prune_a_restic_v1_repository(restic_repo_v1, tmp_path):
+    _prune_restics_repository(restic_repo_v1, tmp_path)
+
+
+def test_prune_a_restic_v2_repository(restic_repo_v2, tmp_path):
+    _prune_restics_repository(restic_repo_v2, tmp_path)

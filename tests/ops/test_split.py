@@ -23,6 +23,7 @@ from tests.ops.test_prune import (
     build_vault,
     copy_of,
     data_files,
+    restored_files,
 )
 from tests.tools.cli import vault
 from vaultfs.backend import LocalBackend
@@ -58,6 +59,9 @@ def test_split_move_keeps_ids_and_both_vaults_verify(two_hosts, tmp_path):
     moved = Built(target, built.files, built.prefix, built.key, other.config)
     assert sorted(n for n, _ in other.backend.list("snapshots")) == sorted(s for s, _ in beta)
     assert_snapshots_intact(moved.repo(), moved)
+    for sid, _snap in beta:
+        restored = restored_files(other, sid, built.prefix, tmp_path / "restored" / sid)
+        assert restored == built.files[sid]
     alpha = [sid for sid, snap in everything if snap.hostname == "alpha"]
     assert sorted(n for n, _ in repo.backend.list("snapshots")) == sorted(alpha)
     assert_snapshots_intact(built.repo(), built)

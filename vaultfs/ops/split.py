@@ -19,6 +19,7 @@ import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +171,7 @@ def copy_snapshots(
         return report
     if walk is None:
         walk = walk_checked(src, todo, workers=workers, on_stage=on_stage, on_advance=on_advance)
-    src_listed = {bytes.fromhex(n) for n, _ in src.backend.list("data")}
+    src_listed = {bytes.fromhex(n): size for n, size in src.backend.list("data")}
 
     def locations(key: BlobKey) -> list[BlobLocation]:
         return [loc for loc in src.index.lookup_all(key[1], key[0]) if loc.pack_id in src_listed]
@@ -218,15 +219,20 @@ def copy_snapshots(
     if dry_run:
         report.snapshots_copied = [sid for sid, _ in todo]
         report.bytes_copied = sum(loc.length for locs in by_pack.values() for loc in locs)
-        report.bytes_copied += sum(b.offset + b.length for bl in whole.values() for b in bl[-1:])
+        report.bytes_copied += sum(src_listed[p] for p in whole)
         return report
 
     if on_stage is not None:
-        on_stage("copying packs", len(whole), "packs")
-    for pack in whole:
-        report.bytes_copied += copy_file(src.backend, dst.backend, "data", pack.hex())
+        on_stage("copying packs", sum(src_listed.get(p, 0) for p in whole), "bytes")
+
+    def copy_pack(pack: bytes) -> int:
+        size = copy_file(src.backend, dst.backend, "data", pack.hex())
         if on_advance is not None:
-            on_advance(1)
+            on_advance(size)
+        return size
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        report.bytes_copied += sum(pool.map(copy_pack, whole))
     copied = copy_blobs(
         src, dst, by_pack, workers=workers, on_stage=on_stage, on_advance=on_advance
     )
