@@ -205,6 +205,8 @@ def test_stale_locks(tmp_path):
     with pytest.raises(VaultLocked, match="elsewhere"):
         repo.lock(exclusive=False)
     assert len(repo.locks.remove_stale()) == 2
+    repo.save_unpacked("locks", dead.encode())
     repo.lock(exclusive=False).release()
+    assert len(repo.locks.list_locks()) == 1, "the dead local lock is removed on the way"
     with pytest.raises(VaultLocked):
         repo.lock(exclusive=True)  # the fresh shared lock of another host

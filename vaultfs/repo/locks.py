@@ -8,7 +8,8 @@ and the old one removed.
 A lock is stale when it is older than 30 minutes, or when it was written on this host by a process that no
 longer exists. Unlike restic, acquisition ignores the second kind (a dead process on this very host cannot be
 working on the vault), so a job killed with kill -9 does not block the next run; an old lock from another
-host still blocks until ``vault unlock``.
+host still blocks until ``vault unlock``. Such dead-process locks are removed when seen, so that restic,
+which does not skip them, is not blocked by them either.
 """
 
 from __future__ import annotations
@@ -102,7 +103,14 @@ class LockManager:
 
     def _conflict(self, exclusive: bool, ignore: str | None) -> LockInfo | None:
         for info in self.list_locks():
-            if info.name == ignore or info.dead_here():
+            if info.name == ignore:
+                continue
+            if info.dead_here():
+                # Left by a killed process on this host: remove it, so restic is not blocked by it either.
+                try:
+                    self._remove(info.name)
+                except VaultError:
+                    pass
                 continue
             if exclusive or info.lock.exclusive:
                 return info
