@@ -19,7 +19,8 @@ Change detection
 Unless told otherwise the parent is the newest snapshot of the same host whose paths include all of this
 backup's paths and whose time is not in the future (restic's rule). A regular file whose type, size,
 mtime, ctime and inode equal the parent's node at the same place reuses that node's content list without
-being read, provided every one of its blobs is still in the index.
+being read, provided every one of its blobs is still in the index. Its extended attributes are taken from
+the parent's node as well: changing them (like its mode, owner or link count) would have changed its ctime.
 
 Pipeline
 --------
@@ -52,7 +53,8 @@ Packs are written before the index that names them, and the snapshot last, so an
 ``index_interval`` seconds, so a later backup reuses what a killed one stored; on Ctrl-C the open packs
 and their index are written before the interruption propagates. A file or folder that cannot be read, or
 that vanishes, becomes an entry in ``BackupReport.errors`` and is left out; the backup goes on (the CLI
-exits with code 3). The caller holds a (shared) lock on the vault while this runs.
+exits with code 3). The caller holds a (shared) lock on the vault while this runs, or hands in a
+:class:`LockGate` that takes it meanwhile.
 """
 
 from __future__ import annotations
@@ -1276,7 +1278,7 @@ def _xattrs_of(prev: dict[str, Any]) -> list[tuple[str, bytes]] | None:
 
 
 def _abspath(path: bytes) -> str:
-    return go_clean(os.fsdecode(os.path.join(os.getcwd().encode(), path)))
+    return go_clean(os.fsdecode(os.path.join(os.getcwdb(), path)))
 
 
 def _open_file(path: bytes) -> int:
