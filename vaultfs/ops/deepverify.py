@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from vaultfs.backend import Backend, LocalBackend
 from vaultfs.errors import FormatError, ObjectNotFound, VaultError
 from vaultfs.format.gojson import go_unquote
-from vaultfs.format.index import IndexFile
+from vaultfs.format.index import IndexColumns, decode_columns
 from vaultfs.format.pack import (
     COMPRESSED_ENTRY,
     DATA,
@@ -336,9 +336,9 @@ class _Checker:
         self.report.index_files = len(names)
         self.stage("loading index files", len(names))
 
-        def load(name: str) -> IndexFile | VaultError:
+        def load(name: str) -> IndexColumns | VaultError:
             try:
-                return IndexFile.decode(self.repo.load_unpacked("index", name), f"index/{name}")
+                return decode_columns(self.repo.load_unpacked("index", name), f"index/{name}")
             except VaultError as exc:
                 return exc
 
@@ -352,30 +352,33 @@ class _Checker:
                     self.report.index_needs_rebuild = True
                     self.problem("index", f"index/{name}", "index-damaged", str(result))
                     continue
-                for pack_id, blobs in result.packs.items():
-                    count = len(blobs)
-                    size = sum(b.length for b in blobs) + SEAL_OVERHEAD + 4
-                    size += sum(COMPRESSED_ENTRY if b.compressed else PLAIN_ENTRY for b in blobs)
-                    seen = self.pack_info.get(pack_id)
-                    if seen is None:
-                        self.pack_info[pack_id] = (count, size, name, _fingerprint(blobs))
-                    elif seen[:2] != (count, size):
-                        self.report.index_needs_rebuild = True
-                        self.problem(
-                            "index",
-                            f"index/{name}",
-                            "index-conflict",
-                            f"index/{name} and index/{seen[2]} describe pack {pack_id.hex()} "
-                            "differently",
-                        )
-                    self.index.add_pack(
-                        pack_id,
-                        [
-                            (b.id, b.blob_type, b.offset, b.length, b.uncompressed_length)
-                            for b in blobs
-                        ],
-                    )
+                self._note_packs(name, result)
+                self.index.add_arrays(*result)
         self.report.blobs = len(self.index)
+
+    def _note_packs(self, name: str, cols: IndexColumns) -> None:
+        """Record each pack's blob count, implied size and fingerprint from one index file."""
+        packs = [[0, SEAL_OVERHEAD + 4, 0] for _ in cols.pack_ids]
+        ids = cols.blob_ids
+        for i, number in enumerate(cols.pack_of_blob):
+            info = packs[number]
+            ulen = cols.uncompressed_lengths[i]
+            info[0] += 1
+            info[1] += cols.lengths[i] + (COMPRESSED_ENTRY if ulen else PLAIN_ENTRY)
+            entry = (ids[32 * i : 32 * i + 32], cols.blob_types[i], cols.offsets[i])
+            info[2] += hash((*entry, cols.lengths[i], ulen))
+        for pack_id, (count, size, fingerprint) in zip(cols.pack_ids, packs, strict=True):
+            seen = self.pack_info.get(pack_id)
+            if seen is None:
+                self.pack_info[pack_id] = (count, size, name, fingerprint & _MASK64)
+            elif seen[:2] != (count, size):
+                self.report.index_needs_rebuild = True
+                self.problem(
+                    "index",
+                    f"index/{name}",
+                    "index-conflict",
+                    f"index/{name} and index/{seen[2]} describe pack {pack_id.hex()} differently",
+                )
 
     # -- 3. pack files --------------------------------------------------------------------------
 
@@ -1024,10 +1027,17 @@ def check_blobs(
     return results
 
 
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
 def _fingerprint(blobs: Iterable[PackedBlob]) -> int:
     """An order-independent digest of a pack's entries: equal for the index and the header of a
-    pack when they list the same blobs at the same places (hash() is stable within a process)."""
-    return sum(map(hash, blobs)) & 0xFFFFFFFFFFFFFFFF
+    pack when they list the same blobs at the same places (hash() is stable within a process).
+    The index side (_note_packs) hashes the same tuples."""
+    total = 0
+    for b in blobs:
+        total += hash((b.id, b.blob_type, b.offset, b.length, b.uncompressed_length))
+    return total & _MASK64
 
 
 def _id(text: str) -> bytes:
@@ -1057,14 +1067,15 @@ def _short(exc: BaseException) -> str:
 def _ranges(locs: list[BlobLocation]) -> Iterator[list[BlobLocation]]:
     """Group offset-sorted blobs into reads: neighbours closer than MERGE_GAP, at most MAX_RANGE."""
     group: list[BlobLocation] = []
+    start = end = 0
     for loc in locs:
-        if group:
-            start = group[0].offset
-            end = max(g.offset + g.length for g in group)
-            if loc.offset - end > MERGE_GAP or loc.offset + loc.length - start > MAX_RANGE:
-                yield group
-                group = []
+        if group and (loc.offset - end > MERGE_GAP or loc.offset + loc.length - start > MAX_RANGE):
+            yield group
+            group = []
+        if not group:
+            start = end = loc.offset
         group.append(loc)
+        end = max(end, loc.offset + loc.length)
     if group:
         yield group
 
