@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import mmap
 import os
 import stat
 import time
@@ -57,6 +58,7 @@ BLOCK_SIZE = 128 * 1024
 SEQUENTIAL_SLACK = 1024 * 1024
 #: Files with more blobs than this get their offset table built in a worker thread.
 INLINE_BLOBS = 64
+PAGE = mmap.PAGESIZE
 #: Opening a file up to this size fetches it together with the small files that follow it in its
 #: folder (the order tar, cp and rsync read them), up to SIBLING_BYTES and SIBLING_FILES at a time.
 SMALL_FILE = 1024 * 1024
@@ -69,13 +71,14 @@ PREFETCHED_NODES = 50_000
 
 
 class _OpenFile:
-    __slots__ = ("leaf", "content", "path", "next_off")
+    __slots__ = ("leaf", "content", "path", "next_off", "high")
 
     def __init__(self, leaf: Leaf, content: FileContent, path: Callable[[], str]) -> None:
         self.leaf = leaf
         self.content = content
         self.path = path  # computed only for error messages
-        self.next_off = 0
+        self.next_off = 0  # where the last read ended
+        self.high = 0  # the end of the furthest read: pages below it were asked for already
 
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -589,25 +592,42 @@ class VaultOperations(pyfuse3.Operations):
         """Put small files fetched ahead into the kernel's page cache (see pages.py)."""
         assert self.pusher is not None
         for ino, node in files:
-            parts = [got.get(blob_id) for blob_id in node.content or []]
-            if None in parts or ino not in self._inodes:
+            blob_ids = node.content or []
+            parts = [got[blob_id] for blob_id in blob_ids if blob_id in got]
+            if not parts or len(parts) != len(blob_ids) or ino not in self._inodes:
                 continue
-            offset = 0
-            for part in parts:
-                assert part is not None
-                size = min(len(part), node.size - offset)
-                if size <= 0:
-                    break
-                self.pusher.push(ino, offset, memoryview(part)[:size])
-                offset += size
+            # One store from offset 0 to the end of the file fills every page completely.
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            if len(data) >= node.size:
+                self.pusher.push(ino, 0, memoryview(data)[: node.size])
 
     def _push_ahead(self, f: _OpenFile, index: int, data: bytes) -> None:
-        """Put a blob that read-ahead fetched into the kernel's page cache."""
+        """Put a blob that read-ahead fetched into the kernel's page cache.
+
+        The kernel takes a stored page as valid only when the store fills it whole (or reaches the end
+        of the file), and blob borders fall anywhere: so the body of the blob goes from its first to
+        its last page border, and the page it shares with the blob before goes as one more store when
+        that blob is still in the cache. Pages the kernel has already asked for are left alone.
+        """
         assert self.pusher is not None
-        offset = f.content.start(index)
-        size = min(len(data), f.leaf.node.size - offset)
-        if size > 0 and f.leaf.ino in self._inodes:
-            self.pusher.push(f.leaf.ino, offset, memoryview(data)[:size])
+        ino = f.leaf.ino
+        if ino not in self._inodes:
+            return
+        content = f.content
+        size = f.leaf.node.size
+        start = content.start(index)
+        end = min(content.ends[index], size)
+        first_page = start - start % PAGE
+        if first_page < start and first_page >= f.high and index:
+            before = self.reader.peek(content.blobs[index - 1])
+            page_end = min(first_page + PAGE, size)
+            if before is not None and start - first_page <= len(before) and page_end <= end:
+                head = before[len(before) - (start - first_page) :] + data[: page_end - start]
+                self.pusher.push(ino, first_page, head)
+        body = max(-(-start // PAGE) * PAGE, -(-f.high // PAGE) * PAGE)
+        body_end = end if end == size else end - end % PAGE
+        if body_end > body:
+            self.pusher.push(ino, body, memoryview(data)[body - start : body_end - start])
 
     @_guarded
     async def read(  # type: ignore[override]  # pyfuse3 sends any buffer; a memoryview is zero-copy
@@ -620,6 +640,7 @@ class VaultOperations(pyfuse3.Operations):
         size = min(size, file_size - off)
         sequential = abs(off - f.next_off) <= SEQUENTIAL_SLACK
         f.next_off = off + size
+        f.high = max(f.high, off + size)
         try:
             ahead = functools.partial(self._push_ahead, f) if self.pusher else None
             return await self.reader.read(f.content, off, size, f.path, sequential, ahead)

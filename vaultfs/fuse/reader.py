@@ -181,6 +181,10 @@ class BlobReader:
             pieces.append(memoryview(part)[max(offset, base) - base : min(end, ends[i]) - base])
         return b"".join(pieces)
 
+    def peek(self, blob_id: bytes) -> bytes | None:
+        """The blob if it is in the cache (without counting as a use)."""
+        return self._cache.get(blob_id)
+
     def cached(self, blob_id: bytes) -> bool:
         """True if the blob is in the cache or being fetched."""
         return blob_id in self._cache or blob_id in self._pending
