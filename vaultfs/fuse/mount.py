@@ -167,6 +167,7 @@ def mount(
     """
     options = options or MountOptions()
     mnt = check_mountpoint(mountpoint)
+    _one_malloc_arena()
     ops = build_operations(repo, mnt, options)
     _return_free_memory()
     fuse_options = {"fsname=vaultfs", "subtype=vaultfs", "ro", "default_permissions"}
@@ -183,6 +184,22 @@ def mount(
         trio.run(_serve, ops, mnt, ready)
     finally:
         pyfuse3.close(unmount=True)
+
+
+def _one_malloc_arena() -> None:
+    """Have glibc serve every thread from one arena (a no-op without glibc).
+
+    By default each worker thread gets an arena of its own, and each keeps the multi-MiB blocks that
+    blob decoding passes through: measured on dd of a 320 MiB file, one arena cut the peak RSS from
+    about 127 to 111 MB and the CPU time from about 1.0 to 0.85 s. Freed blocks are still reused
+    instead of being unmapped, because fresh pages cost more here than the copies themselves.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_arena_max = -8  # from glibc's malloc.h
+    mallopt(m_arena_max, 1)
 
 
 def _return_free_memory() -> None:
