@@ -46,13 +46,20 @@ class PackIndexes:
     def for_snapshots(
         self, snapshots: Iterable[str], present: set[bytes] | frozenset[bytes]
     ) -> dict[str, PackIndexFile]:
-        """The valid file of each snapshot that has one: every pack it names is in ``present``."""
+        """The valid file of each snapshot that has exactly one: every pack it names is in ``present``.
+
+        A snapshot with several files (a prune that crashed between writing the new file and removing
+        the old one) has none: which of them is current is unknown, so the snapshot gets walked.
+        """
         wanted = set(snapshots)
-        out: dict[str, PackIndexFile] = {}
+        count: dict[str, int] = {}
         for f in self.files:
-            if f.snapshot in wanted and f.snapshot not in out and f.packs <= present:
-                out[f.snapshot] = f
-        return out
+            count[f.snapshot] = count.get(f.snapshot, 0) + 1
+        return {
+            f.snapshot: f
+            for f in self.files
+            if f.snapshot in wanted and count[f.snapshot] == 1 and f.packs <= present
+        }
 
 
 def load_all(repo: Repository, workers: int = 8) -> PackIndexes:
