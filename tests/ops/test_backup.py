@@ -62,8 +62,8 @@ def src(tmp_path) -> Path:
     (root / "empty-dir").mkdir()
     (root / "empty").write_bytes(b"")
     (root / "small.txt").write_bytes(b"hello\n" * 100)
-    (root / "sub" / "big.bin").write_bytes(rand(1, 3 * 1024 * 1024 + 17))
-    (root / "sub" / "deeper" / "copy.bin").write_bytes(rand(1, 3 * 1024 * 1024 + 17))
+    (root / "sub" / "big.bin").write_bytes(rand(1, 9 * 1024 * 1024 + 17))
+    (root / "sub" / "deeper" / "copy.bin").write_bytes(rand(1, 9 * 1024 * 1024 + 17))
     (root / "sub" / "min.bin").write_bytes(rand(2, 512 * 1024))
     os.link(root / "small.txt", root / "sub" / "hardlink.txt")
     os.symlink("sub/big.bin", root / "link")
@@ -104,7 +104,7 @@ def test_snapshot_holds_content_and_metadata(tmp_path, src, monkeypatch):
         if want.type == "dir":
             want.subtree = node.subtree
         assert node.encode() == want.encode(), rel
-    # the two equal 3 MiB files share their chunks
+    # the two equal 9 MiB files share their chunks (more than the largest chunk: at least two)
     assert got["sub/big.bin"].content == got["sub/deeper/copy.bin"].content
     assert len(got["sub/big.bin"].content) >= 2
     assert got["empty"].content == [] and got["fifo"].content is None

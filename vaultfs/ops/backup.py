@@ -570,9 +570,14 @@ class _PackFeed:
     def __init__(self, job: _Backup, limit: int, threads: int = 2) -> None:
         self.job = job
         self.limit = limit
-        self.cond = threading.Condition()
+        lock = threading.Lock()
+        # Two conditions, so a queued blob wakes one pack thread and freed room wakes only producers:
+        # every needless wake-up is a context switch, and a backup queues thousands of small blobs.
+        self.not_empty = threading.Condition(lock)
+        self.not_full = threading.Condition(lock)
         self.items: deque[tuple[int, bytes, bytes, int]] = deque()
         self.size = 0
+        self.waiting = 0  # producers waiting for room
         self.closed = False
         self.threads = [
             threading.Thread(target=self.run, name="vault-backup-pack", daemon=True)
@@ -582,21 +587,23 @@ class _PackFeed:
             thread.start()
 
     def put(self, blob_type: int, blob_id: bytes, sealed: bytes, ulen: int) -> None:
-        with self.cond:
+        with self.not_full:
             while self.size and self.size + len(sealed) > self.limit and not self.closed:
-                self.cond.wait()
+                self.waiting += 1
+                self.not_full.wait()
+                self.waiting -= 1
             if self.closed:
                 raise _Cancelled
             self.items.append((blob_type, blob_id, sealed, ulen))
             self.size += len(sealed)
-            self.cond.notify_all()
+            self.not_empty.notify()
 
     def run(self) -> None:
         job = self.job
         while True:
-            with self.cond:
+            with self.not_empty:
                 while not self.items and not self.closed:
-                    self.cond.wait()
+                    self.not_empty.wait()
                 if not self.items:
                     return
                 item = self.items.popleft()
@@ -606,20 +613,23 @@ class _PackFeed:
                 job.maybe_flush_index()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises
                 job.fail(exc)
-                with self.cond:
+                with self.not_empty:
                     self.closed = True
                     self.items.clear()
-                    self.cond.notify_all()
+                    self.not_empty.notify_all()
+                    self.not_full.notify_all()
                 return
-            with self.cond:
+            with self.not_full:
                 self.size -= len(item[2])
-                self.cond.notify_all()
+                if self.waiting:
+                    self.not_full.notify()
 
     def close(self) -> None:
         """Add what is queued, then stop."""
-        with self.cond:
+        with self.not_empty:
             self.closed = True
-            self.cond.notify_all()
+            self.not_empty.notify_all()
+            self.not_full.notify_all()
         for thread in self.threads:
             thread.join()
 
@@ -1158,6 +1168,7 @@ class _Backup:
         reached = 0  # how far into the buffer this file's reads went
         try:
             fill = 0  # bytes of the unfinished chunk at the front of the buffer
+            fed = 0  # how many of them the chunker has seen
             total = 0
             while True:
                 if self.cancel.is_set():
@@ -1166,15 +1177,21 @@ class _Backup:
                 if n == 0:
                     break
                 total += n
-                reached = max(reached, fill + n)
-                start = 0
-                for end in chunker.feed(view[fill : fill + n]):
-                    self.submit_chunk(job, view[start : fill + end])
-                    start = fill + end
                 fill += n
+                reached = max(reached, fill)
+                if fill < MIN_SIZE:
+                    # No chunk ends before the minimum size, so the chunker (and its GIL hand-off)
+                    # is not needed yet, and never for a file smaller than that.
+                    continue
+                start = 0
+                for end in chunker.feed(view[fed:fill]):
+                    self.submit_chunk(job, view[start : fed + end])
+                    start = fed + end
+                fed = fill
                 if start:
                     view[: fill - start] = view[start:fill]
                     fill -= start
+                    fed -= start
             if fill:
                 blob_id = self.store(DATA, view[:fill])
                 with self.lock:
