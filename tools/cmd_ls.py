@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import stat
 
-from vaultfs.format.tree import Node
+from vaultfs.format.tree import Node, display_path
 from vaultfs.tools.common import Output, add_snapshot_filters, open_repository, snapshot_json
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
 
 
 def _print(out: Output, path: str, node: Node, long: bool) -> None:
-    shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    shown = display_path(path)
     if not long:
         out.line(shown)
         return

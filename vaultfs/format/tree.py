@@ -52,6 +52,11 @@ def fs_bytes(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
+def display_path(path: str) -> str:
+    """A path as printable text: undecodable bytes as \\xNN (JSON and terminals cannot carry them)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def go_mode_from_stat(st_mode: int) -> int:
     """Unix st_mode -> Go FileMode as restic records it (permissions, type and special bits)."""
     mode = st_mode & 0o777

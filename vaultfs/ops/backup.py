@@ -83,7 +83,13 @@ from vaultfs.errors import UsageError, VaultError
 from vaultfs.format.gojson import GoTime, go_quote, go_unquote
 from vaultfs.format.pack import DATA, TREE
 from vaultfs.format.snapshot import Snapshot
-from vaultfs.format.tree import Node, encode_tree, fs_bytes, fs_name
+from vaultfs.format.tree import (
+    Node,
+    display_path,
+    encode_tree,
+    fs_bytes,
+    fs_name,
+)
 from vaultfs.ops.excludes import Excluder, go_clean
 from vaultfs.ops.scan import (
     LocalTime,
@@ -219,11 +225,6 @@ class BackupProgress:
 
 ProgressCallback = Callable[[BackupProgress], None]
 ProblemCallback = Callable[[BackupProblem], None]
-
-
-def display_path(path: str) -> str:
-    """A path as printable text: undecodable bytes as \\xNN."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # -- targets (restic's archiver tree) --------------------------------------------------------------

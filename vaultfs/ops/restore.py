@@ -47,7 +47,11 @@ from dataclasses import dataclass, field
 
 from vaultfs.errors import NotFoundError, UsageError, VaultError
 from vaultfs.format.pack import DATA
-from vaultfs.format.tree import Node, fs_bytes
+from vaultfs.format.tree import (
+    Node,
+    display_path,
+    fs_bytes,
+)
 from vaultfs.ops import fsmeta
 from vaultfs.ops.excludes import Pattern, matches_any, parse_patterns, split_path
 from vaultfs.repo.masterindex import BlobLocation
@@ -131,11 +135,6 @@ class RestoreReport:
             ],
             "seconds": round(self.seconds, 3),
         }
-
-
-def display_path(path: str) -> str:
-    """A path as printable text: undecodable bytes as \\xNN (JSON and terminals cannot carry them)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # -- selection ----------------------------------------------------------------------------------
