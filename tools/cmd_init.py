@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 "version": repo.version,
             }
         )
-    else:
+    elif not out.quiet:
         out.line(f"created vault {repo.id[:10]} (version {repo.version}) at {backend}")
         out.note("keep the password safe: losing it means the data in the vault is lost")
     return 0

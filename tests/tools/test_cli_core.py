@@ -73,6 +73,14 @@ def test_keys_add_list_passwd_remove_and_restic_sees_them(tmp_path):
     Restic(repo, "third").run("key", "list")
 
 
+def test_quiet_init_prints_nothing(tmp_path):
+    loud = vault("-r", tmp_path / "a", "init")
+    assert loud.out.startswith("created vault ")
+    quiet = vault("-r", tmp_path / "b", "init", "-q")
+    assert (quiet.out, quiet.err) == ("", "")
+    assert (tmp_path / "b" / "config").is_file()
+
+
 def test_exit_codes_no_vault_wrong_password_usage(tmp_path):
     err = one_line_error(vault("-r", tmp_path / "nothing", "snapshots", expect=10))
     assert "no vault" in err
