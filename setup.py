@@ -9,5 +9,10 @@ setup(
             sources=["vaultfs/chunker/_chunker.c"],
             extra_compile_args=["-O3", "-std=c99"],
         ),
+        Extension(
+            "vaultfs._scrypt",
+            sources=["vaultfs/_scrypt.c"],
+            extra_compile_args=["-O3", "-std=c99"],
+        ),
     ],
 )
