@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from vaultfs.backend import open_backend
 from vaultfs.errors import UsageError, VaultError
 from vaultfs.repo.repository import Repository
-from vaultfs.tools.common import Output, location, locked, read_password, to_jsonable
+from vaultfs.tools.common import Output, location, read_password, to_jsonable
 
 if TYPE_CHECKING:
     from vaultfs.ops.deepverify import DeepVerifyReport
@@ -139,16 +139,28 @@ def run(args: argparse.Namespace, out: Output) -> int:
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
     repo = open_vault(args)
-    with locked(repo, exclusive=False), StagedProgress(out) as bar:
-        report = deep_verify(
-            repo,
-            read_data=args.read_data or subset is not None,
-            subset=subset,
-            cache=args.cache,
-            workers=args.workers,
-            on_stage=bar.stage,
-            on_advance=bar.advance,
-        )
+    # deep-verify only reads, so it reads while the lock's second check waits: whatever it found is
+    # thrown away if that check sees a conflict (confirm raises).
+    lock = repo.locks.acquire_unconfirmed(exclusive=False)
+    try:
+        with StagedProgress(out) as bar:
+
+            def stage(name: str, total: int | None, unit: str) -> None:
+                lock.confirm(wait=unit == "bytes")  # before the long stage (reading packs)
+                bar.stage(name, total, unit)
+
+            report = deep_verify(
+                repo,
+                read_data=args.read_data or subset is not None,
+                subset=subset,
+                cache=args.cache,
+                workers=args.workers,
+                on_stage=stage,
+                on_advance=bar.advance,
+            )
+        lock.confirm()
+    finally:
+        lock.release()
     if out.json:
         doc = {"message_type": "deep-verify", "ok": report.ok}
         doc.update(to_jsonable(report))

@@ -131,6 +131,18 @@ class LockManager:
             "run `vault unlock`"
         )
 
+    def acquire_unconfirmed(self, exclusive: bool) -> HeldLock:
+        """acquire() without waiting: the first check and the lock file happen now, the second check
+        (RECHECK_DELAY later) in a thread, so a job spends the wait reading. For jobs that only read
+        until HeldLock.confirm() returns: what they read before may come from a vault that another
+        job holds, so it must be discarded when confirm() raises. Jobs that write use acquire()."""
+        conflict = self._conflict(exclusive, None)
+        if conflict is not None:
+            raise _locked(conflict)
+        held = HeldLock(self, exclusive)
+        held.recheck_later()
+        return held
+
     def remove_stale(self, remove_all: bool = False) -> list[str]:
         removed = []
         for info in self.list_locks():
@@ -144,6 +156,13 @@ class LockManager:
         return Lock(GoTime.now(), exclusive, hostname(), username(), os.getpid(), uid, gid)
 
 
+def _locked(conflict: LockInfo) -> VaultLocked:
+    return VaultLocked(
+        f"the vault is locked: {conflict.describe()}; if no other vault process is running, "
+        "run `vault unlock`"
+    )
+
+
 class HeldLock:
     """A lock this process holds; refreshed in a daemon thread until released. Context manager."""
 
@@ -154,6 +173,40 @@ class HeldLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mutex = threading.Lock()
+
+    def recheck_later(self) -> None:
+        """Run acquire()'s second check in a thread; confirm() reports its outcome."""
+        self._checked = threading.Event()
+        self._check_result: LockInfo | VaultError | None = None
+
+        def check() -> None:
+            try:
+                time.sleep(RECHECK_DELAY)
+                self._check_result = self.manager._conflict(self.exclusive, self.name)
+            except VaultError as exc:
+                self._check_result = exc
+            finally:
+                self._checked.set()
+
+        threading.Thread(target=check, name="vault-lock-check", daemon=True).start()
+
+    def confirm(self, wait: bool = True) -> bool:
+        """For a lock from acquire_unconfirmed(): True once the second check found no conflict (and
+        starts the refresh), False while it runs (``wait`` False). On a conflict or an error of the
+        check the lock is released and VaultLocked (or the error) raised."""
+        checked = getattr(self, "_checked", None)
+        if checked is None:
+            return True  # from acquire()
+        if not checked.wait(None if wait else 0):
+            return False
+        with self._mutex:
+            result = self._check_result
+            if result is None:
+                if self._thread is None:
+                    self.start_refresh()
+                return True
+        self.release()
+        raise result if isinstance(result, VaultError) else _locked(result)
 
     def start_refresh(self, every: float = REFRESH_EVERY) -> None:
         self._thread = threading.Thread(
