@@ -296,31 +296,37 @@ class BucketServer:
             self.metrics.uploads -= 1  # last: "no uploads" must mean no temp files either
 
     async def _receive_into(self, request: Request, upload: Upload) -> None:
-        """Receive the body while a second task hashes and writes the previous batch: the socket
-        and the disk (and SHA-256, which releases the GIL) work at the same time."""
-        send, receive = trio.open_memory_channel[list[bytes]](1)
+        """Receive the body into one buffer while a second task hashes and writes the previous one:
+        the socket and the disk (and SHA-256, which releases the GIL) work at the same time. Three
+        buffers of WRITE_BATCH circulate (one filling, one queued, one being written), so memory per
+        upload stays flat and no piece is copied on its way from the socket to the file."""
+        size = min(WRITE_BATCH, request.content_length or WRITE_BATCH)
+        give_back, take = trio.open_memory_channel[memoryview](3)
+        for _ in range(3):
+            give_back.send_nowait(memoryview(bytearray(size)))
+        send, receive = trio.open_memory_channel[tuple[memoryview, int]](1)
 
         async def writer() -> None:
             async with receive:
-                async for batch in receive:
-                    await self._thread(upload.write_sync, batch)
+                async for buffer, filled in receive:
+                    await self._thread(upload.write_sync, [buffer[:filled]])
+                    give_back.send_nowait(buffer)
 
         async with one_error(), trio.open_nursery() as nursery:
             nursery.start_soon(writer)
             async with send:
-                batch: list[bytes] = []
-                pending = 0
                 while True:
-                    piece = await request.receive()
-                    if piece is None:
+                    buffer = await take.receive()
+                    filled = 0
+                    while filled < size:
+                        n = await request.receive_into(buffer[filled:])
+                        if n == 0:
+                            break
+                        filled += n
+                    if filled:
+                        await send.send((buffer, filled))
+                    if filled < size:
                         break
-                    batch.append(piece)
-                    pending += len(piece)
-                    if pending >= WRITE_BATCH:
-                        await send.send(batch)
-                        batch, pending = [], 0
-                if batch:
-                    await send.send(batch)
 
     async def _delete(self, bucket: Bucket, kind: str, name: str) -> Response:
         if bucket.append_only and kind != "locks":

@@ -14,6 +14,11 @@ leaves to its user:
   says ``Connection: close`` and then closes *lingering* (half-close, discard what still arrives for a
   moment) so the client reads our answer instead of a connection reset.
 * Malformed requests get h11's suggested status (400, 431 for an over-long head) and the connection ends.
+* A body framed by Content-Length (every upload restic, rclone and vaultfs send) is read past h11,
+  straight from the socket into the application's buffer (``Request.receive_into``): h11 would copy each
+  piece three times (its buffer, the extracted slice, our bytes). h11 still parses every head and every
+  chunked body; after such a request the connection continues with a fresh h11 state fed with whatever
+  followed the body.
 
 Shutdown: ``Lifecycle.draining`` makes every connection close after its current response, and idle
 connections are cancelled at once.
@@ -88,6 +93,7 @@ class Request:
         self.bucket = "-"  # the authenticated bucket, for logs and metrics
         self.received = 0
         self.complete = False
+        self._pending = memoryview(b"")
         try:
             self.content_length: int | None = int(headers["content-length"])
         except (KeyError, ValueError):
@@ -95,6 +101,10 @@ class Request:
 
     async def receive(self) -> bytes | None:
         """The next piece of the body, None at its end. Raises ClientGone."""
+        if self._pending:
+            piece = bytes(self._pending)
+            self._pending = memoryview(b"")
+            return piece
         if self.complete:
             return None
         piece = await self._conn.next_body_piece()
@@ -103,6 +113,28 @@ class Request:
         else:
             self.received += len(piece)
         return piece
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Put the next body bytes into ``buffer``; how many (at most its size), 0 at the end.
+
+        A Content-Length body arrives straight from the socket; a chunked one is copied from h11's
+        pieces. Raises ClientGone.
+        """
+        if not self._pending and not self.complete and self._conn.raw_body:
+            n = await self._conn.read_body_into(buffer)
+            self.received += n
+            if n == 0:
+                self.complete = True
+            return n
+        if not self._pending:
+            piece = await self.receive()
+            if piece is None:
+                return 0
+            self._pending = memoryview(piece)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -132,6 +164,16 @@ class HttpConnection:
         self.keepalive_timeout = keepalive_timeout
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._out: list[bytes] = []
+        # The current request's Content-Length body, read past h11 (see the module docstring):
+        # ``raw_body`` says it applies, ``_raw_left`` is what the client still owes, ``_spill`` the
+        # bytes h11 had buffered beyond the head (body first, then perhaps a pipelined request).
+        self.raw_body = False
+        self._raw_started = False
+        self._raw_left = 0
+        self._spill = memoryview(b"")
+        self._spill_closed = False
+        sock = getattr(stream, "socket", None)
+        self._recv_into = getattr(sock, "recv_into", None)  # plain TCP; TLS streams copy once
 
     # -- I/O -------------------------------------------------------------------------------------
 
@@ -176,7 +218,77 @@ class HttpConnection:
             return
         raise ClientGone("timed out sending to the client")
 
+    async def _receive_into(self, buffer: memoryview) -> int:
+        with trio.move_on_after(self.read_timeout):
+            try:
+                if self._recv_into is not None:
+                    return await self._recv_into(buffer)
+                data = await self.stream.receive_some(len(buffer))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return 0
+            buffer[: len(data)] = data
+            return len(data)
+        raise ClientGone("timed out waiting for the client")
+
+    def _begin_raw(self, request: Request) -> None:
+        """Read this request's body past h11 if it is framed by a plain Content-Length."""
+        self.raw_body = (
+            request.content_length is not None
+            and request.content_length > 0
+            and "transfer-encoding" not in request.headers
+            and self.h11.their_state is h11.SEND_BODY
+        )
+        self._raw_started = False
+        self._raw_left = request.content_length or 0
+
+    async def _start_raw(self) -> None:
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        data, self._spill_closed = self.h11.trailing_data
+        self._spill = memoryview(data)
+        self._raw_started = True
+
+    async def read_body_into(self, buffer: memoryview) -> int:
+        """Up to ``len(buffer)`` bytes of a Content-Length body into ``buffer``; 0 at its end."""
+        if not self._raw_started:
+            await self._start_raw()
+        want = min(len(buffer), self._raw_left)
+        if want == 0:
+            return 0
+        if self._spill:
+            n = min(want, len(self._spill))
+            buffer[:n] = self._spill[:n]
+            self._spill = self._spill[n:]
+        else:
+            n = 0 if self._spill_closed else await self._receive_into(buffer[:want])
+            if n == 0:
+                raise ClientGone("the client closed the connection in the middle of a body")
+        self._raw_left -= n
+        return n
+
+    def _next_cycle_after_raw(self) -> bool:
+        """After a request whose body was read past h11: a fresh h11 state for the next request, fed
+        with what followed the body. False when the connection cannot go on."""
+        if self._raw_left or self.h11.our_state is not h11.DONE:
+            return False
+        spill = bytes(self._spill) if self._raw_started else self.h11.trailing_data[0]
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if spill:
+            self.h11.receive_data(spill)
+        if self._spill_closed:
+            self.h11.receive_data(b"")
+        self.raw_body = False
+        self._spill = memoryview(b"")
+        return True
+
     async def next_body_piece(self) -> bytes | None:
+        if self.raw_body:
+            size = min(RECEIVE_SIZE, self._raw_left)
+            if size == 0:
+                return None
+            buffer = bytearray(size)
+            n = await self.read_body_into(memoryview(buffer))
+            return bytes(buffer[:n])
         if self.h11.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
@@ -268,7 +380,14 @@ class HttpConnection:
                 event = await self._next_request()
                 if event is None:
                     return
-                if not await self._exchange(Request(self, event)):
+                request = Request(self, event)
+                self._begin_raw(request)
+                if not await self._exchange(request):
+                    return
+                if self.raw_body:
+                    if self._next_cycle_after_raw():
+                        continue
+                    await self._linger()
                     return
                 if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
                     await self._linger()

@@ -102,15 +102,16 @@ class Upload:
             raise _oserror("create upload file", exc) from None
         self.open = True
 
-    def write_sync(self, pieces: list[bytes]) -> None:
+    def write_sync(self, pieces: list[bytes | memoryview]) -> None:
         try:
             for piece in pieces:
                 self.hash.update(piece)
                 view = memoryview(piece)
+                size = len(view)
                 while view:
                     n = os.write(self.fd, view)
                     view = view[n:]
-                self.size += len(piece)
+                self.size += size
         except OSError as exc:
             raise _oserror("write upload", exc) from None
 

@@ -125,6 +125,56 @@ def test_expect_100_continue(server):
         assert status == 403 and headers.get("connection") == "close"
 
 
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` pipelined responses (status, body), however the bytes were split between reads."""
+    buf = b""
+    answers: list[tuple[int, bytes]] = []
+    while len(answers) < count:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        if sep:
+            lines = head.decode("latin-1").split("\r\n")
+            fields = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            length = int(fields.get("content-length", "0"))
+            if len(rest) >= length:
+                answers.append((int(lines[0].split()[1]), rest[:length]))
+                buf = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {len(answers)} answers")
+        buf += chunk
+    return answers
+
+
+@pytest.mark.parametrize("split", ["one send", "body in pieces"])
+def test_requests_pipelined_behind_an_upload_body(server, split):
+    """An upload's body is read past h11 (straight into the server's buffer); whatever follows it on
+    the connection is still parsed as the next requests."""
+    creds = server.bucket()
+    # Small enough for the server's first read to take the head, the body and what follows at once.
+    data = os.urandom(2000 if split == "one send" else 300_000)
+    name = hashlib.sha256(data).hexdigest()
+    upload = (
+        request_head("POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data)))
+        + data
+    )
+    follow = request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=5-9")
+    follow += request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=-3")
+    with connect(server) as sock:
+        if split == "one send":
+            sock.sendall(upload + follow)
+        else:
+            for i in range(0, len(upload), 7777):
+                sock.sendall(upload[i : i + 7777])
+            sock.sendall(follow)
+        answers = read_responses(sock, 3)
+        assert [status for status, _ in answers] == [200, 206, 206]
+        assert answers[1][1] == data[5:10] and answers[2][1] == data[-3:]
+        sock.sendall(request_head("GET", f"/{creds.name}/keys/", creds))  # still keep-alive
+        assert read_responses(sock, 1) == [(200, b"[]")]
+    assert httpx.get(f"{creds.url}data/{name}", auth=creds.auth).content == data
+
+
 def test_early_answer_to_a_large_upload_is_read_not_reset(server):
     """403 for an existing object arrives while the client still sends 8 MiB it will not need."""
     creds = server.bucket()
