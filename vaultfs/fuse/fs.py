@@ -157,6 +157,12 @@ class VaultOperations(pyfuse3.Operations):
             root = TreeDir(ROOT, ROOT, b"", root_tree, {}, node=root_node, snap=root_snap)
         root.lookups = 1  # the kernel never forgets the root
         self._inodes[ROOT] = root
+        #: Called (in the trio thread) when the kernel's INIT request arrives, before it is answered.
+        self.on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     def load_sync(self) -> None:
         """Read the index and the snapshot list (blocking; call before mounting)."""
