@@ -73,6 +73,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="with --read-data implied: read only slice N of T of the packs, or a random X percent",
     )
     p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="the state file of `vault verify --state FILE`: repair records what it hashes there, "
+        "and with --max-age skips files verify found intact recently",
+    )
+    p.add_argument(
+        "--max-age",
+        metavar="AGE",
+        help="with --state: do not hash again files verified intact less than AGE ago (e.g. 1d, "
+        "12h); they are trusted as `vault verify --max-age` trusts them",
+    )
+    p.add_argument(
         "--tag",
         metavar="TAG",
         help="tag added to snapshots rewritten by --salvage (default: repaired)",
@@ -95,13 +107,16 @@ def parse_time(text: str) -> int:
 def run(args: argparse.Namespace, out: Output) -> int:
     # Imported here: every `vault` command imports this module to build its parser.
     from vaultfs.ops.repair import DEFAULT_TAG, repair
-    from vaultfs.ops.verify import Subset
+    from vaultfs.ops.verify import Subset, parse_duration
 
     rollback = parse_time(args.rollback_to) if args.rollback_to else None
     subset = Subset.parse(args.read_data_subset) if args.read_data_subset else None
     tag = DEFAULT_TAG if args.tag is None else args.tag
     if not tag:
         raise UsageError("--tag must not be empty")
+    if args.max_age and not args.state:
+        raise UsageError("--max-age needs --state FILE (it is where verification times are kept)")
+    max_age = parse_duration(args.max_age) if args.max_age else None
     repo = open_vault(args)
     with locked(repo, exclusive=not args.dry_run), StagedProgress(out) as bar:
         report = repair(
@@ -114,6 +129,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
             read_data=args.read_data or subset is not None,
             subset=subset,
             tag=tag,
+            verify_state=args.state,
+            verify_max_age=max_age,
             on_stage=bar.stage,
             on_advance=bar.advance,
         )

@@ -28,6 +28,7 @@ from tests.ops.test_deepverify import (
     make_vault_copy,
 )
 from tests.tools.cli import one_line_error, vault
+from vaultfs.errors import UsageError
 from vaultfs.ops.deepverify import deep_verify
 from vaultfs.ops.rebuild import rebuild_indexes
 from vaultfs.ops.repair import repair
@@ -409,3 +410,37 @@ def test_repair_cli_text(vault_copy):
     quarantines = [p for p in v.path.parent.iterdir() if ".quarantine-" in p.name]
     assert len(quarantines) == 1 and (quarantines[0] / "MANIFEST.jsonl").exists()
     assert "nothing to repair" in vault("-r", v.path, "repair", password=PASSWORD).out
+
+
+def test_repair_trusts_files_a_recent_verify_found_intact(vault_copy, tmp_path):
+    """repair --state S --max-age: files that `vault verify --state S` found intact are not hashed
+    again (their records keep their time); the damaged pack verify found is hashed, salvaged and
+    moved away, and the vault ends clean."""
+    v = vault_copy
+    pack = v.damage_blob("b", "/src/b/g1")
+    path = f"data/{pack[:2]}/{pack}"
+    state = tmp_path / "verify-state.json"
+    found = verify(v.open().backend, state_path=str(state))
+    assert [b.path for b in found.bad] == [path]
+    before = json.loads(state.read_text())["files"]
+
+    result = run_repair(v, salvage=True, verify_state=str(state), verify_max_age=86400.0)
+    assert result.clean and any(a.object == path for a in result.actions)
+    assert (v.tmp / "quarantine" / path).exists()
+    after = json.loads(state.read_text())["files"]
+    assert path not in after  # moved away by the repair: not "gone since the last run" next time
+    kept = [p for p in before if p.startswith("data/") and p in after]
+    assert len(kept) >= 3
+    assert all(after[p] == before[p] for p in kept), "intact packs were hashed again"
+    assert_clean(v)
+    v.restore_matches(v.ids["a"], v.files["a"])
+
+
+def test_repair_max_age_needs_state(vault_copy):
+    v = vault_copy
+    with pytest.raises(UsageError, match="--state"):
+        run_repair(v, verify_max_age=60.0)
+    line = one_line_error(
+        vault("-r", v.path, "repair", "--max-age", "1d", password=PASSWORD, expect=2)
+    )
+    assert "--state" in line

@@ -6,7 +6,10 @@ One run does, in this order (each step only when needed):
 2. with ``rollback_to``: moves away every file of data/, index/, snapshots/ and packindex/ written
    after that time (recovery "by modification date", e.g. after ransomware or a bad sync);
 3. finds corrupt files by hash (``verify``) and checks the vault (``deep_verify``), reading every pack
-   that is suspect (and every pack with ``read_data``), which tells exactly which blobs survive;
+   that is suspect (and every pack with ``read_data``), which tells exactly which blobs survive. With
+   ``verify_state`` (a ``vault verify --state`` file) and ``verify_max_age``, files that verify found
+   intact less than that long ago are not hashed again (the same trust ``vault verify --max-age``
+   gives them); the state records what this run hashes;
 4. copies the intact blobs of every damaged pack into new packs (their sealed bytes unchanged), then
    moves the damaged packs, corrupt index/snapshot/packindex/lock files, files that are not vault
    objects and leftover temp files to the quarantine folder (or deletes them with ``delete``);
@@ -52,7 +55,7 @@ from vaultfs.ops.deepverify import (
     parse_header,
 )
 from vaultfs.ops.rebuild import decode_packindex, rebuild_indexes
-from vaultfs.ops.verify import Subset, object_path, verify
+from vaultfs.ops.verify import Subset, forget_verified, object_path, verify
 from vaultfs.repo.repository import Repository
 
 DEFAULT_TAG = "repaired"
@@ -228,10 +231,14 @@ class _Repair:
         subset: Subset | None,
         tag: str,
         max_rounds: int,
+        verify_state: str | None,
+        verify_max_age: float | None,
         on_stage: StageCallback | None,
         on_advance: AdvanceCallback | None,
     ) -> None:
         self.repo = repo
+        self.verify_state = verify_state
+        self.verify_max_age = verify_max_age
         self.backend = repo.backend
         self.salvage = salvage
         self.dry_run = dry_run
@@ -302,7 +309,12 @@ class _Repair:
 
     def find_corrupt_files(self) -> None:
         self.stage("hashing every file")
-        found = verify(self.backend, progress=self.on_advance)
+        found = verify(
+            self.backend,
+            state_path=self.verify_state,
+            max_age=self.verify_max_age,
+            progress=self.on_advance,
+        )
         for bad in found.bad:
             if bad.path in self.gone:
                 continue
@@ -546,6 +558,8 @@ class _Repair:
                 break
             self.suspect_packs -= self.gone_packs()
             found = self.check(first=False)
+        if self.verify_state is not None and not self.dry_run and self.gone:
+            forget_verified(self.backend, self.verify_state, self.gone)
         if self.dry_run:
             self.report.clean = not self.report.actions
         else:
@@ -576,6 +590,8 @@ def repair(
     subset: Subset | None = None,
     tag: str = DEFAULT_TAG,
     max_rounds: int = MAX_ROUNDS,
+    verify_state: str | None = None,
+    verify_max_age: float | None = None,
     on_stage: StageCallback | None = None,
     on_advance: AdvanceCallback | None = None,
 ) -> RepairReport:
@@ -584,11 +600,14 @@ def repair(
     ``quarantine`` is the folder damaged files go to (default next to a local vault; required for a
     remote one unless ``delete``). ``rollback_to`` is a time in ns since the epoch. ``read_data``
     (with ``subset``) also reads every pack in the first check, to find blobs that are damaged inside
-    packs whose files hash right. Raises UsageError for bad options; VaultError when the vault cannot
-    be changed (permissions, full disk). The caller holds the exclusive lock.
+    packs whose files hash right. ``verify_state`` and ``verify_max_age`` (seconds) are verify's
+    ``state_path`` and ``max_age`` for the hashing step. Raises UsageError for bad options; VaultError
+    when the vault cannot be changed (permissions, full disk). The caller holds the exclusive lock.
     """
     if delete and quarantine is not None:
         raise UsageError("--delete and --quarantine exclude each other")
+    if verify_max_age is not None and verify_state is None:
+        raise UsageError("--max-age needs --state FILE (it is where verification times are kept)")
     worker = _Repair(
         repo,
         quarantine=quarantine,
@@ -600,6 +619,8 @@ def repair(
         subset=subset,
         tag=tag,
         max_rounds=max_rounds,
+        verify_state=verify_state,
+        verify_max_age=verify_max_age,
         on_stage=on_stage,
         on_advance=on_advance,
     )

@@ -32,7 +32,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -538,6 +538,24 @@ def _is_sqlite(path: str) -> bool:
         return False
 
 
+def forget_verified(backend: Backend, state_path: str, paths: Iterable[str]) -> None:
+    """Drop ``paths`` (vault paths) from the state file of the vault at ``backend``: files a repair
+    moved away on purpose, which the next verify should not report as gone."""
+    state = VerifyState(state_path, _state_location(backend))
+    try:
+        for path in paths:
+            state.forget(path)
+        state.save()
+    finally:
+        state.close()
+
+
+def _state_location(backend: Backend) -> str:
+    """The location a state file records: the real path of a local vault, else the backend's."""
+    local = _local_backend(backend)
+    return os.path.realpath(local.root) if local is not None else backend.location
+
+
 # -- the job -------------------------------------------------------------------------------------
 
 
@@ -565,12 +583,10 @@ def verify(
     first, so the next run resumes.
     """
     started = time.monotonic()
-    location = backend.location
+    location = _state_location(backend)
     local = _local_backend(backend)
-    if local is not None:
-        location = os.path.realpath(local.root)
-        if not os.path.isdir(local.root):
-            raise NoVault(f"there is no vault at {backend.location} (no such folder)")
+    if local is not None and not os.path.isdir(local.root):
+        raise NoVault(f"there is no vault at {backend.location} (no such folder)")
     report = VerifyReport(location=location)
     scan = _Scan(backend, report)
     scan.check_structure()
