@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -98,6 +99,63 @@ def test_write_never_overwrites(backend):
     assert backend.read("index", name) == b"first"
 
 
+def _pieces(data: bytes, size: int = 1 << 20):
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def test_write_stream(backend):
+    data = os.urandom(3 * (1 << 20) + 17)
+    name = name_of(data)
+    opened = []
+
+    def source():
+        opened.append(1)
+        yield from _pieces(data)
+
+    backend.write_stream("data", name, source, len(data))
+    assert backend.read("data", name) == data
+    assert backend.stat("data", name) == len(data)
+    backend.write_stream("data", name, lambda: iter([b"other"]), 5)  # written once: kept
+    assert backend.read("data", name) == data
+    backend.write_stream("keys", name_of(b""), lambda: iter(()), 0)
+    assert backend.read("keys", name_of(b"")) == b""
+    assert len(opened) == 1
+
+
+class _Refused(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["source fails", "too short", "too long"])
+def test_write_stream_that_fails_stores_nothing(backend, how):
+    """A source that raises (a hash check in flight) or gives the wrong number of bytes leaves no
+    object and no temp file behind; the source's own exception comes through unchanged."""
+    data = os.urandom(2 * (1 << 20) + 5)
+    name = name_of(data)
+
+    def source():
+        pieces = _pieces(data)
+        yield from pieces[:-1]
+        if how == "source fails":
+            raise _Refused("hash mismatch")
+        if how == "too long":
+            yield pieces[-1] + b"x"
+
+    expected = _Refused if how == "source fails" else BackendError
+    with pytest.raises(expected):
+        backend.write_stream("data", name, source, len(data))
+    assert not backend.exists("data", name)
+    assert list(backend.list("data")) == []
+    # The bucket server drops what an aborted upload left as soon as it notices the closed
+    # connection, which may be a moment after the client gave up.
+    deadline = time.monotonic() + 10
+    while list(backend.list_temp("data")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(backend.list_temp("data")) == []
+    backend.write_stream("data", name, lambda: iter(_pieces(data)), len(data))  # works after
+    assert backend.read("data", name) == data
+
+
 def test_listing_hides_temp_files_and_files_are_read_only(backend, tmp_path):
     data = b"payload"
     name = name_of(data)
@@ -167,6 +225,33 @@ class _Flaky(LocalBackend):
             self.failures -= 1
             raise BackendError("connection reset", temporary=True)
         return super().read(kind, name, offset, length)
+
+
+def test_retry_wrapper_reopens_the_source_of_a_streamed_write(tmp_path):
+    from vaultfs.backend.retry import RetryBackend
+
+    class FlakyWrites(LocalBackend):
+        failures = 2
+
+        def write_stream(self, kind, name, source, size):
+            if self.failures:
+                self.failures -= 1
+                next(iter(source()))  # part of the body went out before the connection broke
+                raise BackendError("connection reset", temporary=True)
+            super().write_stream(kind, name, source, size)
+
+    inner = FlakyWrites(str(tmp_path / "v"))
+    inner.create()
+    data = os.urandom(3 << 20)
+    opened = []
+
+    def source():
+        opened.append(1)
+        yield from _pieces(data)
+
+    RetryBackend(inner, first_delay=0.001).write_stream("data", name_of(data), source, len(data))
+    assert inner.read("data", name_of(data)) == data
+    assert len(opened) == 3
 
 
 def test_retry_wrapper_retries_temporary_errors_only(tmp_path):

@@ -134,6 +134,33 @@ def test_backend_against_rclone(rclone):
     be.close()
 
 
+def test_streamed_write_against_rclone(rclone):
+    """write_stream uploads piece by piece; a source that fails before its last piece cuts the body
+    short, and rclone keeps nothing of it (rclone writes under the final name while receiving and
+    removes the file when the body breaks off, so wait for it to notice)."""
+    be = RestBackend(rclone.location("/v/"))
+    be.create()
+    data = os.urandom(3 * (1 << 20) + 17)
+    name = hashlib.sha256(data).hexdigest()
+    pieces = [data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+
+    def failing():
+        yield from pieces[:-1]
+        raise KeyError("refused in flight")
+
+    with pytest.raises(KeyError):
+        be.write_stream("data", name, failing, len(data))
+    folder = rclone.root / "v" / "data"
+    deadline = time.monotonic() + 10
+    while any(p.is_file() for p in folder.rglob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in folder.rglob("*") if p.is_file()] == []
+    assert not be.exists("data", name)
+    be.write_stream("data", name, lambda: iter(pieces), len(data))
+    assert be.read("data", name) == data
+    be.close()
+
+
 def test_wrong_credentials_are_a_permanent_error(tmp_path):
     server = Rclone(tmp_path / "auth", "--user", "alice", "--pass", "right")
     right = RestBackend(server.location("/v/", "alice:right@"))

@@ -7,9 +7,12 @@ Vault builders and the crash-injecting backend come from test_prune.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ from tests.ops.test_prune import (
 from tests.tools.cli import vault
 from vaultfs.backend import LocalBackend, open_backend
 from vaultfs.errors import IntegrityError, UsageError, VaultError
-from vaultfs.ops.migrate import migrate
+from vaultfs.ops.migrate import PIECE, migrate
 from vaultfs.repo.repository import Repository
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +65,7 @@ KILLER = """
 import os, signal, sys
 from tests.ops.test_prune import CrashingBackend
 from vaultfs.backend import LocalBackend
-from vaultfs.ops.migrate import migrate
+from vaultfs.ops.migrate import PIECE, migrate
 
 class Killer(CrashingBackend):
     def crash(self):
@@ -153,6 +156,34 @@ def test_damaged_source_file_is_not_copied_and_the_copy_gets_no_config(source, t
     report = migrate(LocalBackend(str(src.path)), LocalBackend(str(tmp_path / "t")))
     assert report.corrupt == [f"snapshots/{snap.name}"] and not report.ok
     assert not (tmp_path / "t" / "config").exists()
+
+
+def _add_data_file(root: Path, data: bytes, name: str | None = None) -> str:
+    name = name or hashlib.sha256(data).hexdigest()
+    (root / "data" / name[:2]).mkdir(exist_ok=True)
+    (root / "data" / name[:2] / name).write_bytes(data)
+    return name
+
+
+def test_files_are_streamed_and_hash_checked_in_flight(source, tmp_path):
+    """A 24 MiB file is copied with memory bounded by the piece size, not the file size; a damaged
+    multi-piece file is refused before its last piece, leaving nothing at the target."""
+    src = copy_of(source, tmp_path)
+    big = _add_data_file(src.path, os.urandom(24 << 20))
+    damaged = os.urandom(3 << 20)
+    bad = _add_data_file(src.path, damaged, hashlib.sha256(damaged + b"!").hexdigest())
+    tracemalloc.start()
+    try:
+        report = migrate(LocalBackend(str(src.path)), LocalBackend(str(tmp_path / "t")), workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.corrupt == [f"data/{bad}"]
+    assert peak < 4 * PIECE  # a whole-file copy would hold at least 24 MiB
+    copied = tmp_path / "t" / "data" / big[:2] / big
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == big
+    assert not (tmp_path / "t" / "data" / bad[:2] / bad).exists()
+    assert list(LocalBackend(str(tmp_path / "t")).list_temp("data")) == []
 
 
 def test_migrate_to_a_rest_server(source, tmp_path):

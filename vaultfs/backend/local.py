@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from vaultfs.backend.base import KINDS, Backend, check_name
+from vaultfs.backend.base import KINDS, Backend, Source, check_name, check_streamed_size
 from vaultfs.errors import BackendError, ObjectNotFound
 
 TEMP_MARK = "-tmp-"
@@ -151,6 +151,22 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
+        self._store(kind, name, (data,), None)
+
+    def write_stream(self, kind: str, name: str, source: Source, size: int) -> None:
+        path = self.path(kind, name)
+        if not os.path.exists(path):
+            self._store(kind, name, source(), size)
+
+    def _store(
+        self,
+        kind: str,
+        name: str,
+        pieces: Iterable[bytes | bytearray | memoryview],
+        size: int | None,
+    ) -> None:
+        """Write ``pieces`` to a temp file, fsync, rename into place, fsync the folder. Anything
+        raised (by the file system or by the pieces' iterator) removes the temp file."""
         path = self.path(kind, name)
         folder = os.path.dirname(path)
         where = self._where(kind, name)
@@ -164,10 +180,15 @@ class LocalBackend(Backend):
                 os.makedirs(folder, mode=0o700, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                written = 0
+                for piece in pieces:
+                    view = memoryview(piece).cast("B")
+                    written += len(view)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                if size is not None:
+                    check_streamed_size(kind, name, written, size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -178,12 +199,14 @@ class LocalBackend(Backend):
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        except OSError as exc:
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise _fail("write", where, exc) from None
+            if isinstance(exc, OSError):
+                raise _fail("write", where, exc) from None
+            raise
 
     def remove(self, kind: str, name: str) -> None:
         path = self.path(kind, name)

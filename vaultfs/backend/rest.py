@@ -13,6 +13,8 @@ Protocol notes that shape this module:
   for is a short read and an error, as in every backend.
 * Uploads send the body as an iterator of 1 MiB pieces with an exact Content-Length: httpx copies a single
   large ``bytes`` body quadratically, and servers want the length up front (quota checks, no chunking).
+  ``write_stream`` sends its source's pieces as they come; a source that fails (or gives the wrong
+  number of bytes) cuts the body short, which no server stores.
 * ``403`` on an upload means the object already exists (servers never overwrite), which for a write-once,
   content-addressed store is success; we confirm with a HEAD so an append-only refusal is not hidden.
 
@@ -31,7 +33,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from vaultfs.backend.base import Backend, check_name
+from vaultfs.backend.base import Backend, Source, check_name, check_streamed_size
 from vaultfs.errors import BackendError, FormatError, ObjectNotFound, UsageError
 
 if TYPE_CHECKING:
@@ -295,21 +297,41 @@ class RestBackend(Backend):
         return b"".join(pieces)
 
     def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
-        check_name(kind, name)
-        what = self._what(kind, name)
         view = memoryview(data).cast("B")
 
         def pieces() -> Iterator[bytes]:
             for start in range(0, len(view), _PIECE):
                 yield bytes(view[start : start + _PIECE])
 
+        self._post(kind, name, pieces(), len(view))
+
+    def write_stream(self, kind: str, name: str, source: Source, size: int) -> None:
+        def pieces() -> Iterator[bytes | bytearray | memoryview]:
+            sent = 0
+            for piece in source():
+                sent += len(piece)
+                if sent > size:
+                    break
+                yield piece
+            # Raised inside the upload, this cuts the body short: the server never stores it.
+            check_streamed_size(kind, name, sent, size)
+
+        self._post(kind, name, pieces(), size)
+
+    def _post(
+        self, kind: str, name: str, pieces: Iterator[bytes | bytearray | memoryview], size: int
+    ) -> None:
+        """Upload ``size`` bytes with an exact Content-Length. An exception raised by ``pieces``
+        aborts the request (the connection is dropped mid-body) and propagates."""
+        check_name(kind, name)
+        what = self._what(kind, name)
         resp = self._send(
             "POST",
             self._url(kind, name),
             what,
-            content=pieces(),
+            content=pieces,
             headers={
-                "Content-Length": str(len(view)),
+                "Content-Length": str(size),
                 "Content-Type": "application/octet-stream",
             },
         )

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from vaultfs.backend.base import Backend
+from vaultfs.backend.base import Backend, Source
 from vaultfs.errors import BackendError
 
 T = TypeVar("T")
@@ -47,6 +47,10 @@ class RetryBackend(Backend):
 
     def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
         self._retry(lambda: self.inner.write(kind, name, data))
+
+    def write_stream(self, kind: str, name: str, source: Source, size: int) -> None:
+        # Every attempt calls source() again, so it re-reads from the first byte.
+        self._retry(lambda: self.inner.write_stream(kind, name, source, size))
 
     def remove(self, kind: str, name: str) -> None:
         self._retry(lambda: self.inner.remove(kind, name))

@@ -15,8 +15,11 @@ does not have) is refused.
 ``delete_source`` removes the source's files only after that verification passed, snapshots first and
 config last, so an interrupted deletion leaves a smaller but valid source.
 
-Files are copied by ``workers`` threads, each holding one file in memory at a time (the backend write
-call takes whole files; packs are 16 MiB by default).
+Files are copied by ``workers`` threads, each streaming one file at a time in pieces of ``PIECE`` bytes
+(``Backend.write_stream``): memory per worker is bounded by the piece size, not by the file size. The
+hash is computed in flight and checked before the last piece is handed over, so a damaged source file
+aborts its write and nothing of it becomes visible at the target. Resume checks and ``verify`` hash
+target files piece by piece too.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,6 +42,7 @@ AdvanceCallback = Callable[[int], None]
 COPY_ORDER = ("data", "index", "snapshots", "packindex", "keys")
 DELETE_ORDER = ("snapshots", "packindex", "index", "data", "keys")
 DEFAULT_WORKERS = 4
+PIECE = 1 << 20
 
 
 @dataclass
@@ -105,9 +109,37 @@ def check_target(src: Backend, dst: Backend) -> bytes:
     return config
 
 
-def _digest(backend: Backend, kind: str, name: str) -> tuple[str, bytes]:
-    data = backend.read(kind, name)
-    return hashlib.sha256(data).hexdigest(), data
+class _Mismatch(Exception):
+    """A source file's bytes do not hash to its name (raised inside the target's write, aborting it)."""
+
+
+def _pieces(backend: Backend, kind: str, name: str, size: int) -> Iterator[bytes]:
+    """The object's bytes in pieces of at most PIECE."""
+    for offset in range(0, size, PIECE):
+        yield backend.read(kind, name, offset, min(PIECE, size - offset))
+
+
+def _digest(backend: Backend, kind: str, name: str, size: int) -> str:
+    """SHA-256 (hex) of an object of ``size`` bytes, read piece by piece."""
+    hasher = hashlib.sha256()
+    for piece in _pieces(backend, kind, name, size):
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
+def _checked_pieces(backend: Backend, kind: str, name: str, size: int) -> Iterator[bytes]:
+    """The object's pieces, hashed in flight: _Mismatch is raised instead of yielding the last piece
+    when the bytes do not hash to the name, so a write fed by this never completes."""
+    hasher = hashlib.sha256()
+    done = 0
+    for piece in _pieces(backend, kind, name, size):
+        hasher.update(piece)
+        done += len(piece)
+        if done == size and hasher.hexdigest() != name:
+            raise _Mismatch
+        yield piece
+    if size == 0 and hasher.hexdigest() != name:
+        raise _Mismatch
 
 
 def migrate(
@@ -155,27 +187,25 @@ def migrate(
     tally = threading.Lock()
 
     def copy(kind: str, name: str, size: int, present: int | None) -> None:
-        if present == size:
-            digest, _ = _digest(dst, kind, name)
-            if digest == name:
-                with tally:
-                    report.skipped += 1
-                _advance(on_advance, size)
-                return
+        if present == size and _digest(dst, kind, name, size) == name:
+            with tally:
+                report.skipped += 1
+            _advance(on_advance, size)
+            return
         if present is not None:
             dst.remove(kind, name)
             with tally:
                 report.replaced += 1
-        digest, data = _digest(src, kind, name)
-        if digest != name:
+        try:
+            dst.write_stream(kind, name, lambda: _checked_pieces(src, kind, name, size), size)
+        except _Mismatch:
             with tally:
                 report.corrupt.append(_where(kind, name))
             return
-        dst.write(kind, name, data)
         with tally:
             report.copied += 1
-            report.bytes_copied += len(data)
-        _advance(on_advance, len(data))
+            report.bytes_copied += size
+        _advance(on_advance, size)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for kind in COPY_ORDER:
@@ -239,7 +269,7 @@ def verify_copy(
     def check(job: tuple[str, str, int]) -> str | None:
         kind, name, size = job
         try:
-            digest, _ = _digest(dst, kind, name)
+            digest = _digest(dst, kind, name, size)
         except VaultError as exc:
             return f"{_where(kind, name)} cannot be read at the target: {exc}"
         _advance(on_advance, size)
