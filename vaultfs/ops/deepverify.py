@@ -9,14 +9,15 @@ What is checked, in this order:
 4. **pack headers**: the header at the end of every pack (only that tail is read) decrypts, describes
    exactly the file, and agrees with the index. Packs no index names are listed (rebuild-indexes adds
    them); blobs they hold still count as present.
-5. **read data** (``read_data``; always for packs whose header or size is wrong, and for ``extra_packs``
+5. **snapshots/**: every snapshot file loads.
+6. **read data** (``read_data``; always for packs whose header or size is wrong, and for ``extra_packs``
    the caller suspects): whole packs are read and every blob must decrypt, decompress and hash to its
    ID; with the header check and the blobs tiling the file exactly, that verifies every byte. (The
    file name is checked against its hash only for suspect packs: ``vault verify`` does that for all.)
    This tells exactly which blobs of a damaged pack survive.
-6. **snapshots/**: every snapshot file loads.
 7. **trees**: every tree of every snapshot is read once (tree blobs decrypt and hash right, the JSON
-   decodes) and every data blob a file names must have a usable copy.
+   decodes) and every data blob a file names must have a usable copy. With ``read_data`` this walk
+   runs while the packs are read, and again afterwards only if the reading found damage.
 8. **packindex/**: each file loads and names only packs that exist.
 
 The truth about blobs is the pack headers: the index only says where to find them. So a blob counts as
@@ -245,6 +246,7 @@ class _Checker:
         self.pack_bad_blobs: dict[bytes, list[str]] = defaultdict(list)
         self.pack_good_blobs: dict[bytes, int] = defaultdict(int)
         self.packs_read: set[bytes] = set()
+        self.read_found_damage = False
         self.lost: dict[tuple[int, bytes], str] = {}
         self.used_packs: set[bytes] = set()
         self.needed_unindexed: set[bytes] = set()
@@ -522,7 +524,7 @@ class _Checker:
             f"({len(unlisted)} blobs of the header are not indexed as stored)",
         )
 
-    # -- 5. read data ---------------------------------------------------------------------------
+    # -- 6. read data ---------------------------------------------------------------------------
 
     def _buffer(self, size: int) -> memoryview:
         buf = getattr(self._local, "buf", None)
@@ -579,7 +581,8 @@ class _Checker:
         self.advance(size)
         return file_ok, results, size
 
-    def read_packs(self) -> None:
+    def read_targets(self) -> list[bytes]:
+        """The packs to read whole: suspect ones, and with ``read_data`` every (selected) pack."""
         targets = {p for p in self.bad_packs if p in self.present}
         targets |= self.extra_packs & self.present.keys()
         if self.read_data:
@@ -588,9 +591,13 @@ class _Checker:
                     continue  # not a pack at all; reported already
                 if self.subset is None or self.subset.selects(pack.hex()):
                     targets.add(pack)
-        if not targets:
+        return sorted(targets)
+
+    def read_packs(self, packs: list[bytes]) -> None:
+        """Read the ``packs`` whole and check every blob; sets ``read_found_damage`` when that
+        changes what the tree walk would conclude."""
+        if not packs:
             return
-        packs = sorted(targets)
         self.stage("reading packs", sum(self.present[p] for p in packs), "bytes")
         with ThreadPoolExecutor(max_workers=self.cpu_workers) as pool:
             for pack, outcome in zip(packs, pool.map(self._read_one, packs), strict=True):
@@ -598,6 +605,7 @@ class _Checker:
                     continue
                 path = object_path("data", pack.hex())
                 if isinstance(outcome, VaultError):
+                    self.read_found_damage = True
                     self.bad_packs.setdefault(pack, []).append(f"it cannot be read: {outcome}")
                     self.problem("data", path, "pack-unreadable", f"{path}: {outcome}")
                     continue
@@ -621,6 +629,7 @@ class _Checker:
                     self.bad_packs[pack] = [f"{len(bad)} blob(s) do not decrypt or hash right"]
                     newly_bad = True
                 if pack in self.bad_packs:
+                    self.read_found_damage = True
                     # Only damaged packs need to know which of their blobs are intact.
                     self.pack_bad_blobs[pack] += bad
                     for b, why in results:
@@ -641,7 +650,7 @@ class _Checker:
         except VaultError as exc:
             return exc
 
-    # -- 6. snapshots ---------------------------------------------------------------------------
+    # -- 5. snapshots ---------------------------------------------------------------------------
 
     def load_snapshots(self) -> None:
         names = [n for n, _ in self.listing("snapshots")]
@@ -745,8 +754,13 @@ class _Checker:
         return out
 
     def load_trees(self) -> None:
-        todo = {snap.tree for _sid, snap in self.snapshots}
         self.stage("reading trees", None)
+        self.walk_trees()
+        self.report_trees()
+
+    def walk_trees(self, quiet: bool = False) -> None:
+        """Read every tree of every snapshot once (``quiet``: without progress)."""
+        todo = {snap.tree for _sid, snap in self.snapshots}
         with ThreadPoolExecutor(max_workers=self.io_workers) as pool:
             while todo:
                 by_pack: dict[bytes, list[BlobLocation]] = defaultdict(list)
@@ -771,11 +785,14 @@ class _Checker:
                         assert isinstance(result, _Tree)
                         self.trees[tree_id] = result
                         self.used_packs.add(loc.pack_id)
-                        self.advance()
+                        if not quiet:
+                            self.advance()
                         for _, sub in result.subtrees:
                             if sub not in self.trees:
                                 todo.add(sub)
                 todo -= self.trees.keys()
+
+    def report_trees(self) -> None:
         self.report.trees = sum(1 for t in self.trees.values() if isinstance(t, _Tree))
         for tree_id, info in self.trees.items():
             if isinstance(info, str):
@@ -949,6 +966,41 @@ class _Checker:
                 )
             )
 
+    def read_and_walk(self) -> None:
+        """Read packs (step 5) and walk the trees (step 7). When every pack is read and nothing is
+        known to be damaged yet, the walk runs in a thread meanwhile: it is mostly Python (the GIL)
+        while reading is mostly C without it. If the reading then finds damage, the walk is done
+        again, since which copies of blobs are usable has changed."""
+        packs = self.read_targets()
+        if not (self.read_data and packs and not self.bad_packs and not self.bad_locs):
+            self.read_packs(packs)
+            self.load_trees()
+            return
+        failure: list[BaseException] = []
+
+        def walk() -> None:
+            try:
+                self.walk_trees(quiet=True)
+            except BaseException as exc:  # re-raised in the calling thread
+                failure.append(exc)
+
+        walker = threading.Thread(target=walk, name="deep-verify-trees")
+        walker.start()
+        try:
+            self.read_packs(packs)
+        finally:
+            walker.join()
+        if failure:
+            raise failure[0]
+        if self.read_found_damage:
+            self.trees.clear()
+            self.lost.clear()
+            self.used_packs.clear()
+            self.needed_unindexed.clear()
+            self.load_trees()
+        else:
+            self.report_trees()
+
     def run(self) -> DeepVerifyReport:
         started = time.monotonic()
         self.report.read_data = (
@@ -958,9 +1010,8 @@ class _Checker:
         self.load_index()
         self.list_packs()
         self.check_headers()
-        self.read_packs()
         self.load_snapshots()
-        self.load_trees()
+        self.read_and_walk()
         self.classify()
         self.check_packindex()
         self.unused()
