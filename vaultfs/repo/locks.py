@@ -177,13 +177,13 @@ class HeldLock:
     def recheck_later(self) -> None:
         """Run acquire()'s second check in a thread; confirm() reports its outcome."""
         self._checked = threading.Event()
-        self._check_result: LockInfo | VaultError | None = None
+        self._check_result: LockInfo | BaseException | None = None
 
         def check() -> None:
             try:
                 time.sleep(RECHECK_DELAY)
                 self._check_result = self.manager._conflict(self.exclusive, self.name)
-            except VaultError as exc:
+            except BaseException as exc:  # confirm() raises it in the job's thread
                 self._check_result = exc
             finally:
                 self._checked.set()
@@ -206,7 +206,7 @@ class HeldLock:
                     self.start_refresh()
                 return True
         self.release()
-        raise result if isinstance(result, VaultError) else _locked(result)
+        raise result if isinstance(result, BaseException) else _locked(result)
 
     def start_refresh(self, every: float = REFRESH_EVERY) -> None:
         self._thread = threading.Thread(
