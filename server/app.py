@@ -31,7 +31,15 @@ from vaultfs.server.protocol import ClientGone, Producer, Request, Response
 from vaultfs.server.proxy import AddressFilter, client_address
 from vaultfs.server.quota import Quotas
 from vaultfs.server.state import Bucket, BucketRegistry
-from vaultfs.server.storage import ObjectExists, Storage, StorageError, Upload
+from vaultfs.server.storage import (
+    ObjectExists,
+    OpenObjects,
+    Storage,
+    StorageError,
+    Upload,
+    read_cached,
+    read_close_sync,
+)
 
 log = logging.getLogger("vaultfs.server")
 
@@ -94,6 +102,10 @@ class BucketServer:
         self.filter = AddressFilter(config.networks("allow"), config.networks("deny"))
         self.metrics_filter = AddressFilter(config.networks("metrics_allow"), [])
         self._commit_locks: dict[tuple[str, str, str], trio.Lock] = {}
+        self.open_objects = OpenObjects()
+
+    def close(self) -> None:
+        self.open_objects.close()
 
     async def _thread(self, fn, *args):  # noqa: ANN001, ANN202 - thin wrapper over to_thread
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -197,34 +209,39 @@ class BucketServer:
         return Response(200, [("content-type", ctype)], json.dumps(doc).encode())
 
     async def _get(self, request: Request, bucket: Bucket, kind: str, name: str) -> Response:
-        head = request.method == "HEAD"
-        found = await self._thread(
-            _open_range_sync,
-            self.storage,
-            bucket.name,
-            kind,
-            name,
-            request.headers.get("range"),
-            head,
-        )
+        key = (bucket.name, kind, name)
+        found = self.open_objects.get(key)
         if found is None:
-            return text(404, "not found")
-        size, span, data, fd = found
+            found = await self._thread(self.storage.open_sync, bucket.name, kind, name)
+            if found is None:
+                return text(404, "not found")
+            self.open_objects.put(key, *found)
+        fd, size = found
+        span = parse_range(request.headers.get("range"), size)
         headers = [("content-type", "application/octet-stream"), ("accept-ranges", "bytes")]
         if span == "bad":
             return text(416, "range not satisfiable", [("content-range", f"bytes */{size}")])
-        if head:
+        if request.method == "HEAD":
             return Response(200, headers, b"", length=size)
         status, start, length = 200, 0, size
         if span is not None:
-            status, (start, length) = 206, span
+            status, (start, length) = 206, span  # type: ignore[misc]
             headers.append(("content-range", f"bytes {start}-{start + length - 1}/{size}"))
-        if fd is None:
-            return Response(status, headers, data)
-        return Response(status, headers, self._producer(fd, start, length), length=length)
+        if length > READ_PIECE:
+            return Response(
+                status, headers, self._producer(os.dup(fd), start, length), length=length
+            )
+        # Small answers: straight from the page cache when it holds them, else one worker hop.
+        data = read_cached(fd, start, length)
+        if data is None:
+            data = await self._thread(read_close_sync, os.dup(fd), start, length)
+        if len(data) != length:
+            raise StorageError("object shorter than its size")
+        return Response(status, headers, data)
 
     def _producer(self, fd: int, start: int, length: int) -> Producer:
-        """Sends the object's bytes in pieces; the next piece is read from disk while one is sent."""
+        """Sends the object's bytes in pieces; the next piece is read from disk while one is sent.
+        The caller closes ``fd`` (Response.on_done)."""
         end = start + length
 
         async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
@@ -243,14 +260,11 @@ class BucketServer:
                         offset += want
                         await tx.send(piece)
 
-            try:
-                async with one_error(), trio.open_nursery() as nursery:
-                    nursery.start_soon(reader)
-                    async with rx:
-                        async for piece in rx:
-                            await send(piece)
-            finally:
-                os.close(fd)
+            async with one_error(), trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                async with rx:
+                    async for piece in rx:
+                        await send(piece)
 
         return produce
 
@@ -331,37 +345,10 @@ class BucketServer:
     async def _delete(self, bucket: Bucket, kind: str, name: str) -> Response:
         if bucket.append_only and kind != "locks":
             return text(403, "forbidden: the bucket is append-only")
+        self.open_objects.drop((bucket.name, kind, name))
         freed = await self._thread(self.storage.remove_sync, bucket.name, kind, name)
         self.quotas.stored(bucket.name, -freed)
         return text(200, "ok")
-
-
-def _open_range_sync(
-    storage: Storage, bucket: str, kind: str, name: str, range_header: str | None, head: bool
-) -> tuple[int, tuple[int, int] | None | str, bytes, int | None] | None:
-    """Open an object and resolve its Range in one worker-thread hop.
-
-    Returns None when missing, else (size, span, data, fd): small answers come back as ``data`` with the
-    file closed, large ones as an open ``fd`` for streaming (the caller closes it).
-    """
-    found = storage.open_sync(bucket, kind, name)
-    if found is None:
-        return None
-    fd, size = found
-    span = parse_range(range_header, size)
-    if head or span == "bad":
-        os.close(fd)
-        return size, span, b"", None
-    start, length = (0, size) if span is None else span  # type: ignore[misc]
-    if length <= READ_PIECE:
-        try:
-            data = Storage.read_sync(fd, start, length)
-        finally:
-            os.close(fd)
-        if len(data) != length:
-            raise StorageError("object shorter than its size")
-        return size, span, data, None
-    return size, span, b"", fd
 
 
 @asynccontextmanager

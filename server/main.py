@@ -146,6 +146,7 @@ class Server:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
             self.registry.close()
+            self.app.close()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

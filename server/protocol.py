@@ -56,9 +56,11 @@ Producer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 class Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | Producer = b""
+    body: bytes | bytearray | Producer = b""
     #: Content-Length for a producer body (and for HEAD answers that describe a body).
     length: int | None = None
+    #: Called once when the response was sent or abandoned (e.g. to close the producer's file).
+    on_done: Callable[[], None] | None = None
 
 
 class Lifecycle:
@@ -405,6 +407,7 @@ class HttpConnection:
         started = time.monotonic()
         status = 500
         sent = 0
+        response = None
         try:
             try:
                 response = await self.handler(request)
@@ -416,6 +419,8 @@ class HttpConnection:
             sent = await self._respond(request, response)
             return True
         finally:
+            if response is not None and response.on_done is not None:
+                response.on_done()
             self.recorder(request, status, sent, time.monotonic() - started)
 
     async def _settle_body(self, request: Request, response: Response) -> None:
@@ -438,7 +443,7 @@ class HttpConnection:
     async def _respond(self, request: Request, response: Response) -> int:
         headers = [("server", SERVER), *response.headers]
         body = response.body
-        if isinstance(body, bytes):
+        if isinstance(body, (bytes, bytearray)):
             length = len(body) if response.length is None else response.length
         else:
             length = response.length
@@ -454,7 +459,7 @@ class HttpConnection:
         )
         sent = 0
         head_only = request.method == "HEAD" or response.status in (204, 304)
-        if isinstance(body, bytes):
+        if isinstance(body, (bytes, bytearray)):
             if body and not head_only:
                 await self._send(h11.Data(data=body), flush=False)
                 sent = len(body)

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from vaultfs.backend.local import TEMP_MARK
@@ -139,6 +140,86 @@ class Upload:
             pass
         except OSError:
             pass  # nothing more to do; list_temp/verify report leftovers
+
+
+class OpenObjects:
+    """Objects read recently, kept open so that a small range read needs neither a path lookup nor a
+    worker thread: objects are written once, so an open descriptor keeps serving the right bytes.
+
+    Validity: an entry whose file has no name left (``st_nlink == 0``: deleted, or replaced through a
+    rename by an administrator) is dropped on its next use and the caller opens the object again, so
+    nothing deleted behind the server's back is served. A file moved to another volume keeps its
+    inode and stays valid. The server drops an entry when it deletes the object itself.
+
+    Descriptors never leave the trio thread that owns this cache: work handed to a worker thread uses
+    ``os.dup`` of one, so an eviction cannot close a descriptor in use. Not thread-safe.
+    """
+
+    def __init__(self, capacity: int = 128) -> None:
+        self.capacity = capacity
+        self._open: OrderedDict[tuple[str, str, str], tuple[int, int]] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str]) -> tuple[int, int] | None:
+        """(fd, size) of a still valid entry, else None."""
+        found = self._open.get(key)
+        if found is None:
+            return None
+        try:
+            valid = os.fstat(found[0]).st_nlink > 0
+        except OSError:
+            valid = False
+        if not valid:
+            self.drop(key)
+            return None
+        self._open.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str, str], fd: int, size: int) -> None:
+        self.drop(key)
+        self._open[key] = (fd, size)
+        while len(self._open) > self.capacity:
+            _key, (old, _size) = self._open.popitem(last=False)
+            os.close(old)
+
+    def drop(self, key: tuple[str, str, str]) -> None:
+        found = self._open.pop(key, None)
+        if found is not None:
+            os.close(found[0])
+
+    def close(self) -> None:
+        while self._open:
+            _key, (fd, _size) = self._open.popitem()
+            os.close(fd)
+
+
+_nowait = hasattr(os, "RWF_NOWAIT")
+
+
+def read_cached(fd: int, offset: int, length: int) -> bytearray | None:
+    """The bytes if the page cache holds all of them (so the event loop never waits for a disk),
+    else None: the caller reads in a worker thread instead."""
+    global _nowait
+    if not _nowait:
+        return None
+    buffer = bytearray(length)
+    try:
+        n = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            _nowait = False  # this kernel or file system cannot tell: always use workers
+            return None
+        raise _oserror("read", exc) from None
+    return buffer if n == length else None
+
+
+def read_close_sync(fd: int, offset: int, length: int) -> bytes:
+    """pread, then close ``fd`` (a duplicate handed to a worker thread)."""
+    try:
+        return Storage.read_sync(fd, offset, length)
+    finally:
+        os.close(fd)
 
 
 class Storage:

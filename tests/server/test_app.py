@@ -81,6 +81,30 @@ def test_protocol_round_trip(client, server, bucket):
     assert client.get("config").content == b"not hashed"
 
 
+def test_files_changed_behind_the_servers_back_are_not_served_from_open_files(
+    client, server, bucket
+):
+    """Objects read recently stay open in the server; one deleted, or replaced by a rename, on the
+    disk is looked up again, and a large download keeps its own descriptor while others come and go."""
+    folder = bucket_dir(server, bucket.name)
+    small, small_name = blob(5000)
+    large, large_name = blob(3 << 20)
+    for data, name in ((small, small_name), (large, large_name)):
+        assert client.post(f"data/{name}", content=data).status_code == 200
+    assert client.get(f"data/{small_name}", headers={"Range": "bytes=0-9"}).content == small[:10]
+    (folder / "data" / small_name[:2] / small_name).unlink()
+    assert client.get(f"data/{small_name}", headers={"Range": "bytes=0-9"}).status_code == 404
+    assert client.head(f"data/{small_name}").status_code == 404
+    assert client.post("config", content=b"first").status_code == 200
+    assert client.get("config").content == b"first"
+    (folder / "config.new").write_bytes(b"second")
+    os.rename(folder / "config.new", folder / "config")
+    assert client.get("config").content == b"second"
+    assert client.get(f"data/{large_name}").content == large
+    assert client.delete(f"data/{large_name}").status_code == 200
+    assert client.get(f"data/{large_name}").status_code == 404
+
+
 def test_v1_listing_is_understood_by_the_client(bucket):
     be = RestBackend(bucket.location)
     try:
