@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=DEFAULT_CACHE_MIB,
         metavar="MIB",
         help=f"MiB of decrypted data kept in memory for reads (default {DEFAULT_CACHE_MIB}, "
-        "minimum 16); the kernel's page cache comes on top",
+        "minimum 8); the kernel's page cache comes on top",
     )
     p.add_argument(
         "--foreground",

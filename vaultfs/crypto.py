@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from vaultfs.errors import FormatError, IntegrityError
@@ -122,6 +122,21 @@ class MasterKey:
         dec.update_into(ciphertext, out)
         del out[n:]
         return bytes(out)
+
+    def open_parts(
+        self, sealed: bytes | bytearray | memoryview, what: str = "object"
+    ) -> tuple[memoryview, CipherContext]:
+        """Check the tag of ``sealed``, then return its ciphertext (a view into ``sealed``) and the
+        AES-CTR context that decrypts it: callers decrypt in pieces of their choice and never hold a
+        second whole copy (the FUSE mount streams large blobs into zstd this way). Raises as ``open``.
+        """
+        if len(sealed) < OVERHEAD:
+            raise FormatError(f"{what} is too short to be encrypted data ({len(sealed)} bytes)")
+        view = memoryview(sealed)
+        nonce, body, tag = bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:-TAG_SIZE], view[-TAG_SIZE:]
+        if not hmac.compare_digest(self._tag(nonce, body), bytes(tag)):
+            raise IntegrityError(f"{what} failed authentication (corrupt data or wrong key)")
+        return body, Cipher(algorithms.AES(self.encrypt), modes.CTR(nonce)).decryptor()
 
 
 def scrypt(password: bytes, salt: bytes, n: int, r: int, p: int) -> MasterKey:

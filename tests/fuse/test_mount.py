@@ -277,6 +277,50 @@ def test_damaged_blob_gives_eio_only_where_needed(
     assert "text/lines.txt" in lines[0]
 
 
+@pytest.mark.parametrize("damage", ["flipped byte", "resealed other content"])
+def test_damaged_large_blob_gives_eio_for_its_range_only(
+    mounter: Mounter, restic_repo: ResticRepo, tmp_path: Path, damage: str
+) -> None:
+    """Large blobs are decoded in pieces (reader.py): a bad tag, and content that authenticates but
+    does not match the blob ID (sealed again with the vault's own key), must still give EIO."""
+    repo_path = copy_repo(restic_repo, tmp_path / "repo")
+    vr = open_vault(repo_path, restic_repo.password)
+    snap = vr.load_snapshot(restic_repo.snapshot_id)
+    big = vr.find_path(snap.tree, "sizes/8388609")
+    assert big is not None and big.content and len(big.content) > 1
+    victim = big.content[0]
+    loc = vr.index.lookup(victim, DATA)
+    assert loc is not None and loc.length >= 256 * 1024
+    pack = Path(vr.backend.path("data", loc.pack_id.hex()))
+    sealed = vr.backend.read("data", loc.pack_id.hex(), loc.offset, loc.length)
+    if damage == "flipped byte":
+        changed = bytearray(sealed)
+        changed[len(changed) // 2] ^= 0xFF
+    else:
+        plain = bytearray(vr.key.open(sealed))
+        plain[len(plain) // 2] ^= 0xFF  # v2: inside the zstd frame's raw block of random data
+        changed = bytearray(vr.key.seal(plain))
+    assert len(changed) == loc.length
+    os.chmod(pack, 0o600)
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset)
+        f.write(changed)
+    m = mounter.mount(repo_path, restic_repo.password)
+    path = m.mnt / "ids" / restic_repo.snapshot_id[:8] / "sizes/8388609"
+    source = read_all(restic_repo.source / "sizes/8388609")
+    first = vr.index.size_of(victim, DATA)
+    assert first is not None
+    after = -(-first // 4096) * 4096  # the first page that needs none of the damaged blob
+    with open(path, "rb") as f:
+        f.seek(after)
+        assert f.read(4096) == source[after : after + 4096]
+        f.seek(0)
+        with pytest.raises(OSError) as exc:
+            f.read(4096)
+        assert exc.value.errno == errno.EIO
+    assert loc.pack_id.hex() in m.log()
+
+
 def test_missing_pack_gives_eio_only_where_needed(
     mounter: Mounter, restic_repo_v1: ResticRepo, tmp_path: Path
 ) -> None:

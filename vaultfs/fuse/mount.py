@@ -33,7 +33,7 @@ from vaultfs.repo.repository import Repository
 MIB = 1024 * 1024
 #: The kernel's page cache keeps what was read; this cache only has to bridge the kernel's requests
 #: inside one blob and hold the read-ahead, so it stays small.
-DEFAULT_CACHE_MIB = 16
+DEFAULT_CACHE_MIB = 8
 #: Kernel read-ahead for the mount, in KiB. The kernel's default of 128 KiB splits a sequential read
 #: into 128 KiB requests; 1 MiB requests cost an eighth of the round trips through pyfuse3.
 READ_AHEAD_KB = 4096

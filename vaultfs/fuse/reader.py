@@ -23,6 +23,7 @@ threads, and they touch nothing but the (thread-safe) repository.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from bisect import bisect_right
 from collections import OrderedDict
@@ -30,21 +31,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+import zstandard
+from cryptography.hazmat.primitives.ciphers import CipherContext
 
-from vaultfs.errors import VaultError
-from vaultfs.format.pack import DATA
+from vaultfs.errors import FormatError, IntegrityError, VaultError
+from vaultfs.format import unpacked
+from vaultfs.format.pack import DATA, TYPE_NAMES
 from vaultfs.repo.masterindex import BlobLocation, MasterIndex
 from vaultfs.repo.repository import Repository
 
 log = logging.getLogger("vaultfs.fuse")
 
 MIB = 1024 * 1024
-#: restic's largest chunk is 8 MiB; the cache must hold a blob being read plus some read-ahead.
-MIN_CACHE = 16 * MIB
+#: restic's largest chunk is 8 MiB. The cache always keeps the blob used last, however big, so it
+#: needs room only for the read-ahead: the kernel keeps what was read in its page cache.
+MIN_CACHE = 8 * MIB
 #: Sequential reads keep at least this many blobs in flight ahead of the reader.
 MIN_AHEAD_BLOBS = 2
 #: Neighbouring blobs of one pack are read together up to this many bytes.
 MAX_SPAN = 8 * MIB
+
+#: Blobs from this stored size on are decoded in pieces of DECODE_PIECE (BlobReader._decode_sync).
+STREAM_MIN = 256 * 1024
+DECODE_PIECE = 128 * 1024
 
 #: Called in the trio thread with the blobs a background fetch got: {blob id: plaintext}.
 Fetched = Callable[[dict[bytes, bytes]], None]
@@ -118,7 +127,7 @@ class BlobReader:
         repo: Repository,
         limiter: trio.CapacityLimiter,
         cache_bytes: int,
-        readahead: int = 8 * MIB,
+        readahead: int = 4 * MIB,
     ) -> None:
         self.repo = repo
         self.limiter = limiter
@@ -310,7 +319,7 @@ class BlobReader:
                 if view is not None:
                     try:
                         rel = loc.offset - start
-                        out[loc.blob_id] = self.repo.decode_blob(loc, view[rel : rel + loc.length])
+                        out[loc.blob_id] = self._decode_sync(loc, view[rel : rel + loc.length])
                         continue
                     except VaultError:
                         pass
@@ -323,7 +332,7 @@ class BlobReader:
         for loc in self.repo.index.lookup_all(blob_id, DATA):
             try:
                 sealed = self.repo.backend.read("data", loc.pack_id.hex(), loc.offset, loc.length)
-                return self.repo.decode_blob(loc, sealed)
+                return self._decode_sync(loc, sealed)
             except VaultError as exc:
                 problems.append((loc.pack_id, str(exc)))
         if not problems:
@@ -331,6 +340,29 @@ class BlobReader:
         return BlobUnreadable(
             blob_id, [pack for pack, _ in problems], "; ".join(text for _, text in problems)
         )
+
+    def _decode_sync(self, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
+        """Repository.decode_blob (tag, decryption, zstd, SHA-256), for large blobs in pieces.
+
+        decode_blob holds up to three whole-size buffers besides the stored bytes (decrypted, its
+        copy, decompressed); here the ciphertext is decrypted a piece at a time straight into zstd,
+        which writes into the one buffer that is kept. Each whole-size buffer of the worker threads
+        counted in the mount's peak memory, and every fresh page costs a fault.
+        """
+        if len(sealed) < STREAM_MIN:
+            return self.repo.decode_blob(loc, sealed)
+        what = f"{TYPE_NAMES[loc.blob_type]} blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
+        body, decryptor = self.repo.key.open_parts(sealed, what)
+        if loc.uncompressed_length:
+            plain = bytearray(loc.uncompressed_length)
+            _decompress_into(plain, _Decrypting(body, decryptor), what)
+        else:
+            plain = bytearray(len(body) + 15)  # update_into wants room for one more block
+            decryptor.update_into(body, plain)
+            del plain[len(body) :]
+        if hashlib.sha256(plain).digest() != loc.blob_id:
+            raise IntegrityError(f"{what} is corrupt (content does not match its ID)")
+        return plain  # type: ignore[return-value]  # never changed after this: used as bytes
 
     # -- cache -----------------------------------------------------------------------------------
 
@@ -358,6 +390,47 @@ class BlobReader:
             exc.blob_id.hex(),
             where,
             exc.reason,
+        )
+
+
+class _Decrypting:
+    """The plaintext of an authenticated ciphertext as a stream that zstd reads from."""
+
+    def __init__(self, body: memoryview, decryptor: CipherContext) -> None:
+        self.body = body
+        self.decryptor = decryptor
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.body) if size < 0 else self.pos + size
+        piece = self.body[self.pos : end]
+        self.pos += len(piece)
+        return self.decryptor.update(piece)
+
+
+def _decompress_into(out: bytearray, source: _Decrypting, what: str) -> None:
+    """Decompress one zstd frame from ``source`` into ``out``, which it must fill exactly
+    (FormatError otherwise, as unpacked.decompress)."""
+    view = memoryview(out)
+    got = 0
+    try:
+        with unpacked.decompressor().stream_reader(
+            source, read_size=DECODE_PIECE, read_across_frames=False
+        ) as reader:
+            while got < len(view):
+                n = reader.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            extra = reader.read(1) if got == len(view) else b""
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{what} does not decompress ({exc})") from None
+    finally:
+        view.release()
+    if got != len(out) or extra:
+        raise FormatError(
+            f"{what} decompressed to {'more than ' if extra else ''}{got} bytes, "
+            f"expected {len(out)}"
         )
 
 
