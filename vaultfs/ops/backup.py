@@ -33,17 +33,20 @@ Pipeline
   chunk buffers and go to
 - ``workers`` threads that hash (SHA-256, the blob ID), look the blob up in the index, compress (zstd,
   vault version 2) and seal (AES-CTR + Poly1305) it.
-- Two more threads add the sealed blobs to the vault's packs and write each pack as it fills (SHA-256,
-  write, fsync) while the others go on; they also write an index now and then.
+- Storing a blob (any of those threads) compresses it into the thread's scratch buffer and seals it
+  straight into a region reserved at the end of the open pack (vaultfs.repo.packer): the blob's bytes
+  are written once, and no buffer is allocated per blob. Two more threads write each pack once it is
+  full (SHA-256, write, fsync) while the others go on; they also write an index now and then.
 - A folder's tree is encoded and stored by whichever thread completes its last entry, so trees are saved
   bottom-up as soon as they can be. A folder whose entries all equal the parent snapshot's has the parent's
   tree, which is then neither encoded nor stored again.
 
-hashlib, zstandard, cryptography's ``update_into``, the chunker and file I/O release the GIL, so the
-threads use all cores. Memory is bounded whatever the number and size of files: ``workers + 2``
-chunk buffers and one read buffer per reader (anonymous mappings of the largest chunk size, resident only
-as far as chunks reach), at most ``4 * readers`` files or batches queued, ``PACK_QUEUE`` bytes of sealed
-blobs waiting for the pack threads, one open pack per blob type and two being written; folders are
+hashlib, the chunker, file I/O and the C part of ``vaultfs.chunker._blob`` (zstd, AES-CTR and Poly1305
+in one call each; without it zstandard and cryptography, which release the GIL too) let the threads use
+all cores. Memory is bounded whatever the number and size of files: ``workers + 2`` chunk buffers, one
+read buffer per reader and one compression buffer per thread (anonymous mappings of the largest chunk
+size, resident only as far as chunks reach), at most ``4 * readers`` files or batches queued, and
+``PACK_WRITERS + 2`` pack buffers (one open per blob type, the others being written); folders are
 released as soon as their tree is stored.
 
 Safety
@@ -70,7 +73,6 @@ import queue
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +81,7 @@ from typing import Any
 import zstandard
 
 from vaultfs.chunker import MAX_SIZE, MIN_SIZE, READ_SIZE, Chunker
+from vaultfs.crypto import NATIVE, OVERHEAD
 from vaultfs.errors import UsageError, VaultError
 from vaultfs.format.gojson import GoTime, go_quote, go_unquote
 from vaultfs.format.pack import DATA, TREE
@@ -102,6 +105,9 @@ from vaultfs.ops.scan import (
 from vaultfs.repo.locks import hostname as local_hostname
 from vaultfs.repo.repository import Repository, filter_snapshots
 
+if NATIVE:
+    from vaultfs.chunker._blob import Codec
+
 #: Threads reading and chunking files.
 DEFAULT_READERS = 2
 #: Threads hashing, compressing and sealing the chunks of large files.
@@ -115,8 +121,9 @@ DEFAULT_INDEX_INTERVAL = 60.0
 #: compresses text about 1.5 times as fast (335 against 212 MB/s per core on the benchmark's logs) for
 #: about 3% more output there, and needs half the memory per thread (1.3 against 2.5 MiB).
 ZSTD_LEVEL = 1
-#: Bytes of sealed blobs waiting for the thread that writes packs.
-PACK_QUEUE = 4 * 1024 * 1024
+#: Threads writing full packs (SHA-256, write, fsync: 50 to 100 ms per pack here) while the others go
+#: on; with two, one pack is written while the next one's write waits on the disk.
+PACK_WRITERS = 2
 #: Seconds between progress reports.
 PROGRESS_INTERVAL = 0.5
 
@@ -559,82 +566,6 @@ class _ChunkBuffers:
         self.free.put(buf)
 
 
-class _PackFeed:
-    """Hands sealed blobs to the threads that add them to the vault's packs.
-
-    Adding the blob that fills a pack writes the pack (join, SHA-256, write, fsync: 50 to 100 ms for
-    16 MiB here); done by a worker, that would stall its part of the pipeline. Here the workers only
-    queue blobs (at most ``limit`` bytes of them) and go on, while these threads write full packs and,
-    now and then, an index. With two, one fills the next pack while the other writes one.
-    """
-
-    def __init__(self, job: _Backup, limit: int, threads: int = 2) -> None:
-        self.job = job
-        self.limit = limit
-        lock = threading.Lock()
-        # Two conditions, so a queued blob wakes one pack thread and freed room wakes only producers:
-        # every needless wake-up is a context switch, and a backup queues thousands of small blobs.
-        self.not_empty = threading.Condition(lock)
-        self.not_full = threading.Condition(lock)
-        self.items: deque[tuple[int, bytes, bytes, int]] = deque()
-        self.size = 0
-        self.waiting = 0  # producers waiting for room
-        self.closed = False
-        self.threads = [
-            threading.Thread(target=self.run, name="vault-backup-pack", daemon=True)
-            for _ in range(threads)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def put(self, blob_type: int, blob_id: bytes, sealed: bytes, ulen: int) -> None:
-        with self.not_full:
-            while self.size and self.size + len(sealed) > self.limit and not self.closed:
-                self.waiting += 1
-                self.not_full.wait()
-                self.waiting -= 1
-            if self.closed:
-                raise _Cancelled
-            self.items.append((blob_type, blob_id, sealed, ulen))
-            self.size += len(sealed)
-            self.not_empty.notify()
-
-    def run(self) -> None:
-        job = self.job
-        while True:
-            with self.not_empty:
-                while not self.items and not self.closed:
-                    self.not_empty.wait()
-                if not self.items:
-                    return
-                item = self.items.popleft()
-            try:
-                job.open_gate()
-                job.repo.packer.add(*item)
-                job.maybe_flush_index()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises
-                job.fail(exc)
-                with self.not_empty:
-                    self.closed = True
-                    self.items.clear()
-                    self.not_empty.notify_all()
-                    self.not_full.notify_all()
-                return
-            with self.not_full:
-                self.size -= len(item[2])
-                if self.waiting:
-                    self.not_full.notify()
-
-    def close(self) -> None:
-        """Add what is queued, then stop."""
-        with self.not_empty:
-            self.closed = True
-            self.not_empty.notify_all()
-            self.not_full.notify_all()
-        for thread in self.threads:
-            thread.join()
-
-
 class _Backup:
     def __init__(
         self,
@@ -675,8 +606,13 @@ class _Backup:
         self.batch_bytes = 0
         self.buffers = _ChunkBuffers(workers + 2, self.cancel)
         self.reader_state = _ReaderState()
-        self.feed = None if dry_run else _PackFeed(self, PACK_QUEUE)
+        self.packer = None if dry_run else repo.packer
+        if self.packer is not None:
+            self.packer.start_writers(
+                PACK_WRITERS, before_write=self.open_gate, after_write=self.maybe_flush_index
+            )
         self.compressors = threading.local()
+        self.compress = repo.version >= 2
         self.claimed: tuple[set[bytes], set[bytes]] = (set(), set())
         self.claim_limit = 100_000
         self.claim_lock = threading.Lock()
@@ -743,10 +679,7 @@ class _Backup:
         if self.dry_run:
             stored = size
         else:
-            sealed, ulen = self.seal(blob_type, plain)
-            stored = len(sealed)
-            assert self.feed is not None
-            self.feed.put(blob_type, blob_id, sealed, ulen)
+            stored = self.pack(blob_type, blob_id, plain)
         with self.stats_lock:
             if blob_type == DATA:
                 self.report.data_blobs += 1
@@ -756,17 +689,44 @@ class _Backup:
             self.report.data_added_packed += stored
         return blob_id
 
-    def seal(self, blob_type: int, plain: bytes | bytearray | memoryview) -> tuple[bytes, int]:
-        """Compress (vault version 2) and encrypt one blob: (stored bytes, uncompressed length or 0)."""
-        if self.repo.version < 2:
-            return self.repo.key.seal(plain), 0
-        comp = getattr(self.compressors, "zstd", None)
-        if comp is None:
-            # One per thread: a zstandard compressor shared between threads can crash.
-            comp = self.compressors.zstd = zstandard.ZstdCompressor(
-                level=ZSTD_LEVEL, write_checksum=False
-            )
-        return self.repo.key.seal(comp.compress(plain)), len(plain)
+    def pack(self, blob_type: int, blob_id: bytes, plain: bytes | bytearray | memoryview) -> int:
+        """Compress (vault version 2) into this thread's scratch buffer and seal straight into the
+        pack; returns the stored length. No allocation per blob: see vaultfs.repo.packer."""
+        src: bytes | bytearray | memoryview = plain
+        ulen = 0
+        if self.compress and plain:  # an empty blob is stored raw (ulen 0 reads as "raw")
+            src = self.compress_into(plain)
+            ulen = len(plain)
+        assert self.packer is not None
+        slot = self.packer.reserve(blob_type, blob_id, len(src) + OVERHEAD, ulen)
+        if slot is None:
+            return 0
+        try:
+            self.repo.key.seal_into(slot.view, src)
+        except BaseException:
+            self.packer.abort(slot)
+            raise
+        self.packer.commit(slot)
+        return len(src) + OVERHEAD
+
+    def compress_into(self, plain: bytes | bytearray | memoryview) -> memoryview:
+        """One zstd frame of ``plain`` in this thread's scratch buffer (valid until its next call)."""
+        local = self.compressors
+        codec = getattr(local, "codec", None)
+        if codec is None:
+            if not NATIVE:
+                # One per thread: a zstandard compressor shared between threads can crash.
+                local.codec = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False)
+            else:
+                local.codec = Codec(ZSTD_LEVEL)
+                local.scratch = mmap.mmap(-1, local.codec.bound(MAX_SIZE))
+            codec = local.codec
+        if not NATIVE:
+            return memoryview(codec.compress(plain))
+        scratch = local.scratch
+        if len(plain) > MAX_SIZE:  # only a tree can be this large
+            scratch = bytearray(codec.bound(len(plain)))
+        return memoryview(scratch)[: codec.compress_into(scratch, plain)]
 
     def maybe_flush_index(self) -> None:
         """Write an index for the packs written so far when the interval is over, so that a backup
@@ -1271,8 +1231,8 @@ class _Backup:
         """Stop the threads; blobs already sealed still go into packs."""
         self.readers.shutdown(wait=True, cancel_futures=True)
         self.workers.shutdown(wait=True, cancel_futures=True)
-        if self.feed is not None:
-            self.feed.close()
+        if self.packer is not None:
+            self.packer.stop_writers()
 
     def progress(self, started: float, scan: _Scan | None) -> BackupProgress:
         with self.stats_lock:

@@ -1,0 +1,80 @@
+"""The C blob functions (vaultfs.chunker._blob) against the pure-Python seal and python-zstandard."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zstandard
+
+from vaultfs import crypto
+from vaultfs.chunker import _blob
+from vaultfs.crypto import OVERHEAD, MasterKey
+from vaultfs.errors import IntegrityError
+
+KEY = MasterKey.generate()
+SIZES = [0, 1, 15, 16, 17, 4095, 65536, 1_000_003]
+
+needs_native = pytest.mark.skipif(
+    not _blob.available() and os.environ.get("CI") != "true",
+    reason="libcrypto.so.3 or libzstd.so.1 missing",
+)
+
+
+@needs_native
+@pytest.mark.parametrize("size", SIZES)
+def test_seal_into_opens_with_the_python_code_and_back(size):
+    plain = os.urandom(size)
+    out = bytearray(size + OVERHEAD)
+    _blob.seal_into(KEY.raw, out, plain)
+    assert out[:16] != bytes(16)
+    assert KEY.open(bytes(out)) == plain
+    back = bytearray(size)
+    assert _blob.open_into(KEY.raw, back, KEY.seal(plain)) and back == plain
+
+
+@needs_native
+def test_open_into_refuses_any_flipped_bit_and_wrong_sizes():
+    sealed = bytearray(KEY.seal(b"some plaintext"))
+    out = bytearray(len(sealed) - OVERHEAD)
+    for i in (0, 15, 16, len(sealed) - 17, len(sealed) - 1):
+        bad = bytearray(sealed)
+        bad[i] ^= 0x10
+        assert not _blob.open_into(KEY.raw, out, bad)
+    with pytest.raises(ValueError):
+        _blob.open_into(KEY.raw, bytearray(3), sealed)
+    with pytest.raises(ValueError):
+        _blob.seal_into(KEY.raw, bytearray(10), b"abc")
+    with pytest.raises(ValueError):
+        _blob.seal_into(b"short key", bytearray(35), b"abc")
+
+
+@needs_native
+def test_codec_frames_read_both_ways_with_python_zstandard():
+    text = b"".join(b"line %d of a log file with words\n" % i for i in range(50_000))
+    codec = _blob.Codec(1)
+    out = bytearray(codec.bound(len(text)))
+    n = codec.compress_into(out, text)
+    assert n < len(text) // 3
+    assert zstandard.ZstdDecompressor().decompress(bytes(out[:n])) == text
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=False).compress(text)
+    back = bytearray(len(text))
+    assert codec.decompress_into(back, frame) == len(text) and back == text
+    with pytest.raises(ValueError, match="zstd"):
+        codec.decompress_into(back, b"\x28\xb5\x2f\xfd" + os.urandom(100))
+    with pytest.raises(ValueError, match="zstd"):
+        codec.compress_into(bytearray(10), text)  # no room
+
+
+def test_master_key_into_methods_agree_with_and_without_the_c_part(monkeypatch):
+    plain = os.urandom(5000)
+    for native in {crypto.NATIVE, False}:
+        monkeypatch.setattr(crypto, "NATIVE", native)
+        out = bytearray(len(plain) + OVERHEAD)
+        KEY.seal_into(out, plain)
+        back = bytearray(len(plain))
+        KEY.open_into(back, out)
+        assert back == plain
+        out[20] ^= 1
+        with pytest.raises(IntegrityError):
+            KEY.open_into(back, out, "blob X")

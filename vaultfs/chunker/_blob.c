@@ -1,0 +1,484 @@
+/*
+ * The per-blob hot path of backup and restore in C: zstd into a caller's buffer, and restic's seal
+ * (FORMAT.md section 2.2: nonce || AES-256-CTR(plaintext) || Poly1305-AES tag) into a caller's buffer,
+ * each in one call that releases the GIL.
+ *
+ * Why here: done from Python, one blob costs a dozen calls (zstd, urandom, two cipher objects,
+ * update_into, Poly1305, copies), each a GIL hand-off between the pipeline's threads, plus a fresh
+ * multi-MiB allocation per output, whose pages the kernel must fault in again every time.
+ *
+ * The libraries are the ones already on the system and in the process: libcrypto (OpenSSL 3, which
+ * Python's hashlib links) and libzstd (a dependency of dpkg and apt on Debian). They are opened with
+ * dlopen and called through the few prototypes declared below, so building needs no -dev packages.
+ * When either is missing, available() is False and callers use the pure-Python path.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+
+/* -- the library functions used, declared by hand (stable ABIs of OpenSSL 3 and zstd 1.x) -------- */
+
+typedef struct {
+    void *(*cipher_ctx_new)(void);
+    void (*cipher_ctx_free)(void *);
+    int (*encrypt_init)(void *ctx, const void *cipher, void *engine, const unsigned char *key,
+                        const unsigned char *iv);
+    int (*encrypt_update)(void *ctx, unsigned char *out, int *outl, const unsigned char *in, int inl);
+    int (*set_padding)(void *ctx, int pad);
+    const void *(*aes_256_ctr)(void);
+    const void *(*aes_128_ecb)(void);
+    void *(*mac_fetch)(void *libctx, const char *algorithm, const char *properties);
+    void *(*mac_ctx_new)(void *mac);
+    void (*mac_ctx_free)(void *ctx);
+    int (*mac_init)(void *ctx, const unsigned char *key, size_t keylen, const void *params);
+    int (*mac_update)(void *ctx, const unsigned char *data, size_t datalen);
+    int (*mac_final)(void *ctx, unsigned char *out, size_t *outl, size_t outsize);
+    int (*memcmp_ct)(const void *a, const void *b, size_t len);
+    void *poly1305; /* EVP_MAC, fetched once */
+
+    void *(*zstd_create_cctx)(void);
+    size_t (*zstd_free_cctx)(void *);
+    size_t (*zstd_compress_cctx)(void *ctx, void *dst, size_t cap, const void *src, size_t n,
+                                 int level);
+    void *(*zstd_create_dctx)(void);
+    size_t (*zstd_free_dctx)(void *);
+    size_t (*zstd_decompress_dctx)(void *ctx, void *dst, size_t cap, const void *src, size_t n);
+    unsigned long long (*zstd_content_size)(const void *src, size_t n);
+    unsigned (*zstd_is_error)(size_t code);
+    const char *(*zstd_error_name)(size_t code);
+    size_t (*zstd_bound)(size_t n);
+} libs_t;
+
+static libs_t L;
+static int libs_state = 0; /* 0: not tried, 1: loaded, -1: unavailable */
+static char libs_error[200];
+
+static int
+load_symbol(void *lib, const char *name, void **out)
+{
+    *out = lib ? dlsym(lib, name) : NULL;
+    if (*out == NULL) {
+        snprintf(libs_error, sizeof libs_error, "symbol %s not found", name);
+        return -1;
+    }
+    return 0;
+}
+
+#define SYM(lib, field, name) load_symbol(lib, name, (void **)&L.field)
+
+/* Called with the GIL held, so it runs once. */
+static int
+load_libs(void)
+{
+    if (libs_state)
+        return libs_state;
+    libs_state = -1;
+    void *crypto = dlopen("libcrypto.so.3", RTLD_NOW | RTLD_LOCAL);
+    void *zstd = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (crypto == NULL || zstd == NULL) {
+        snprintf(libs_error, sizeof libs_error, "%s", crypto ? "libzstd.so.1 not found"
+                                                            : "libcrypto.so.3 not found");
+        return -1;
+    }
+    if (SYM(crypto, cipher_ctx_new, "EVP_CIPHER_CTX_new") ||
+        SYM(crypto, cipher_ctx_free, "EVP_CIPHER_CTX_free") ||
+        SYM(crypto, encrypt_init, "EVP_EncryptInit_ex") ||
+        SYM(crypto, encrypt_update, "EVP_EncryptUpdate") ||
+        SYM(crypto, set_padding, "EVP_CIPHER_CTX_set_padding") ||
+        SYM(crypto, aes_256_ctr, "EVP_aes_256_ctr") || SYM(crypto, aes_128_ecb, "EVP_aes_128_ecb") ||
+        SYM(crypto, mac_fetch, "EVP_MAC_fetch") || SYM(crypto, mac_ctx_new, "EVP_MAC_CTX_new") ||
+        SYM(crypto, mac_ctx_free, "EVP_MAC_CTX_free") || SYM(crypto, mac_init, "EVP_MAC_init") ||
+        SYM(crypto, mac_update, "EVP_MAC_update") || SYM(crypto, mac_final, "EVP_MAC_final") ||
+        SYM(crypto, memcmp_ct, "CRYPTO_memcmp") ||
+        SYM(zstd, zstd_create_cctx, "ZSTD_createCCtx") ||
+        SYM(zstd, zstd_free_cctx, "ZSTD_freeCCtx") ||
+        SYM(zstd, zstd_compress_cctx, "ZSTD_compressCCtx") ||
+        SYM(zstd, zstd_create_dctx, "ZSTD_createDCtx") ||
+        SYM(zstd, zstd_free_dctx, "ZSTD_freeDCtx") ||
+        SYM(zstd, zstd_decompress_dctx, "ZSTD_decompressDCtx") ||
+        SYM(zstd, zstd_content_size, "ZSTD_getFrameContentSize") ||
+        SYM(zstd, zstd_is_error, "ZSTD_isError") || SYM(zstd, zstd_error_name, "ZSTD_getErrorName") ||
+        SYM(zstd, zstd_bound, "ZSTD_compressBound"))
+        return -1;
+    L.poly1305 = L.mac_fetch(NULL, "POLY1305", NULL);
+    if (L.poly1305 == NULL) {
+        snprintf(libs_error, sizeof libs_error, "libcrypto has no POLY1305");
+        return -1;
+    }
+    libs_state = 1;
+    return 1;
+}
+
+static int
+require_libs(void)
+{
+    if (load_libs() == 1)
+        return 0;
+    PyErr_Format(PyExc_OSError, "native blob functions unavailable: %s", libs_error);
+    return -1;
+}
+
+/* -- sealing ------------------------------------------------------------------------------------ */
+
+#define NONCE 16
+#define TAG 16
+#define KEY 64 /* AES-256 key || mac.k (16) || mac.r (16), as MasterKey holds them */
+
+/* AES-256-CTR of n bytes from in to out with the 16-byte initial counter block iv. */
+static int
+ctr_crypt(const unsigned char *key, const unsigned char *iv, const unsigned char *in,
+          unsigned char *out, size_t n)
+{
+    void *ctx = L.cipher_ctx_new();
+    int ok = ctx != NULL && L.encrypt_init(ctx, L.aes_256_ctr(), NULL, key, iv) == 1;
+    while (ok && n) {
+        int step = n > (1 << 30) ? (1 << 30) : (int)n, outl = 0;
+        ok = L.encrypt_update(ctx, out, &outl, in, step) == 1 && outl == step;
+        in += step;
+        out += step;
+        n -= (size_t)step;
+    }
+    if (ctx)
+        L.cipher_ctx_free(ctx);
+    return ok ? 0 : -1;
+}
+
+/* Poly1305-AES: key clamp(r) || AES-128_k(nonce), over the ciphertext only. */
+static int
+mac_tag(const unsigned char *key, const unsigned char *nonce, const unsigned char *ct, size_t n,
+        unsigned char *tag)
+{
+    unsigned char polykey[32];
+    int outl = 0;
+    void *ecb = L.cipher_ctx_new();
+    int ok = ecb != NULL && L.encrypt_init(ecb, L.aes_128_ecb(), NULL, key + 32, NULL) == 1 &&
+             L.set_padding(ecb, 0) == 1 &&
+             L.encrypt_update(ecb, polykey + 16, &outl, nonce, 16) == 1 && outl == 16;
+    if (ecb)
+        L.cipher_ctx_free(ecb);
+    memcpy(polykey, key + 48, 16); /* OpenSSL's Poly1305 clamps r itself */
+    void *mac = ok ? L.mac_ctx_new(L.poly1305) : NULL;
+    size_t tagl = 0;
+    ok = mac != NULL && L.mac_init(mac, polykey, 32, NULL) == 1 && L.mac_update(mac, ct, n) == 1 &&
+         L.mac_final(mac, tag, &tagl, TAG) == 1 && tagl == TAG;
+    if (mac)
+        L.mac_ctx_free(mac);
+    memset(polykey, 0, sizeof polykey);
+    return ok ? 0 : -1;
+}
+
+static int
+random_nonce(unsigned char *nonce)
+{
+    for (;;) {
+        size_t got = 0;
+        while (got < NONCE) {
+            ssize_t r = getrandom(nonce + got, NONCE - got, 0);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -1;
+            }
+            got += (size_t)r;
+        }
+        for (int i = 0; i < NONCE; i++)
+            if (nonce[i])
+                return 0; /* restic rejects an all-zero nonce */
+    }
+}
+
+static int
+get_key(PyObject *obj, Py_buffer *key)
+{
+    if (PyObject_GetBuffer(obj, key, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (key->len != KEY) {
+        PyBuffer_Release(key);
+        PyErr_SetString(PyExc_ValueError, "key must be 64 bytes (encrypt || mac.k || mac.r)");
+        return -1;
+    }
+    return 0;
+}
+
+/* The (key, out, data) arguments of seal_into and open_into; on success all three are held. */
+static int
+get_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_buffer *key, Py_buffer *out,
+         Py_buffer *in)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s(key, out, data) takes 3 arguments", name);
+        return -1;
+    }
+    if (require_libs() < 0 || get_key(args[0], key) < 0)
+        return -1;
+    if (PyObject_GetBuffer(args[1], out, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(key);
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[2], in, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(out);
+        PyBuffer_Release(key);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(seal_into_doc,
+"seal_into(key, out, plaintext, /) -> None\n\
+\n\
+Write nonce || AES-256-CTR(plaintext) || Poly1305-AES tag into out, which must be exactly\n\
+len(plaintext) + 32 bytes and must not overlap plaintext. key is the 64-byte master key\n\
+(encrypt || mac.k || mac.r). Releases the GIL.");
+
+static PyObject *
+seal_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer key, out, in;
+    if (get_args(args, nargs, "seal_into", &key, &out, &in) < 0)
+        return NULL;
+    int rc = -2;
+    if (out.len == in.len + NONCE + TAG) {
+        unsigned char *o = out.buf;
+        const unsigned char *k = key.buf;
+        size_t n = (size_t)in.len;
+        Py_BEGIN_ALLOW_THREADS
+        rc = random_nonce(o);
+        if (rc == 0)
+            rc = ctr_crypt(k, o, in.buf, o + NONCE, n);
+        if (rc == 0)
+            rc = mac_tag(k, o, o + NONCE, n, o + NONCE + n);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&key);
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ValueError, "out must be exactly len(plaintext) + 32 bytes");
+        return NULL;
+    }
+    if (rc < 0) {
+        PyErr_SetString(PyExc_OSError, "sealing failed inside libcrypto");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(open_into_doc,
+"open_into(key, out, sealed, /) -> bool\n\
+\n\
+Check the tag of nonce || ciphertext || tag and, when it matches, decrypt into out (exactly\n\
+len(sealed) - 32 bytes, not overlapping sealed). Returns False, leaving out unspecified, when the tag\n\
+does not match. Releases the GIL.");
+
+static PyObject *
+open_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer key, out, in;
+    if (get_args(args, nargs, "open_into", &key, &out, &in) < 0)
+        return NULL;
+    int rc = -2;
+    if (in.len >= NONCE + TAG && out.len == in.len - NONCE - TAG) {
+        const unsigned char *s = in.buf;
+        const unsigned char *k = key.buf;
+        size_t n = (size_t)out.len;
+        unsigned char tag[TAG];
+        Py_BEGIN_ALLOW_THREADS
+        rc = mac_tag(k, s, s + NONCE, n, tag);
+        if (rc == 0 && L.memcmp_ct(tag, s + NONCE + n, TAG) != 0)
+            rc = 1;
+        if (rc == 0)
+            rc = ctr_crypt(k, s, s + NONCE, out.buf, n);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&key);
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ValueError, "out must be exactly len(sealed) - 32 bytes");
+        return NULL;
+    }
+    if (rc < 0) {
+        PyErr_SetString(PyExc_OSError, "opening failed inside libcrypto");
+        return NULL;
+    }
+    return PyBool_FromLong(rc == 0);
+}
+
+/* -- zstd --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    void *cctx;
+    void *dctx;
+    int level;
+    int busy;
+} CodecObject;
+
+static PyObject *
+Codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"level", NULL};
+    int level = 3;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i:Codec", kwlist, &level))
+        return NULL;
+    if (require_libs() < 0)
+        return NULL;
+    CodecObject *c = (CodecObject *)type->tp_alloc(type, 0);
+    if (c == NULL)
+        return NULL;
+    c->level = level;
+    return (PyObject *)c;
+}
+
+static void
+Codec_dealloc(CodecObject *c)
+{
+    if (c->cctx)
+        L.zstd_free_cctx(c->cctx);
+    if (c->dctx)
+        L.zstd_free_dctx(c->dctx);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+/* Runs compress (1) or decompress (0) from args[1] into args[0]; returns the output size. */
+static PyObject *
+codec_run(CodecObject *c, PyObject *const *args, Py_ssize_t nargs, int compress)
+{
+    Py_buffer out, in;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "takes 2 arguments (out, data)");
+        return NULL;
+    }
+    if (c->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Codec is in use by another thread");
+        return NULL;
+    }
+    if (compress && c->cctx == NULL && (c->cctx = L.zstd_create_cctx()) == NULL)
+        return PyErr_NoMemory();
+    if (!compress && c->dctx == NULL && (c->dctx = L.zstd_create_dctx()) == NULL)
+        return PyErr_NoMemory();
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &in, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    size_t r;
+    unsigned long long expected = 0;
+    c->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (compress) {
+        r = L.zstd_compress_cctx(c->cctx, out.buf, (size_t)out.len, in.buf, (size_t)in.len,
+                                 c->level);
+    }
+    else {
+        expected = L.zstd_content_size(in.buf, (size_t)in.len);
+        r = L.zstd_decompress_dctx(c->dctx, out.buf, (size_t)out.len, in.buf, (size_t)in.len);
+    }
+    Py_END_ALLOW_THREADS
+    c->busy = 0;
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    if (L.zstd_is_error(r)) {
+        PyErr_Format(PyExc_ValueError, "zstd: %s", L.zstd_error_name(r));
+        return NULL;
+    }
+    /* A frame must state its size and hold exactly that (ZSTD_CONTENTSIZE_UNKNOWN/ERROR are huge). */
+    if (!compress && expected != (unsigned long long)r) {
+        PyErr_SetString(PyExc_ValueError, "zstd: frame content size does not match its data");
+        return NULL;
+    }
+    return PyLong_FromSize_t(r);
+}
+
+static PyObject *
+Codec_compress_into(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return codec_run(c, args, nargs, 1);
+}
+
+static PyObject *
+Codec_decompress_into(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return codec_run(c, args, nargs, 0);
+}
+
+static PyObject *
+Codec_bound(CodecObject *Py_UNUSED(c), PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "size must not be negative");
+        return NULL;
+    }
+    return PyLong_FromSize_t(L.zstd_bound((size_t)n));
+}
+
+static PyMethodDef Codec_methods[] = {
+    {"compress_into", (PyCFunction)(void (*)(void))Codec_compress_into, METH_FASTCALL,
+     "compress_into(out, data, /) -> int\n\nOne zstd frame (content size, no checksum) of data into "
+     "out; returns its length. out needs bound(len(data)) bytes to be sure. Releases the GIL."},
+    {"decompress_into", (PyCFunction)(void (*)(void))Codec_decompress_into, METH_FASTCALL,
+     "decompress_into(out, frame, /) -> int\n\nDecompress one zstd frame that states its content "
+     "size into out; returns that size. ValueError on bad data. Releases the GIL."},
+    {"bound", (PyCFunction)Codec_bound, METH_O,
+     "bound(size, /) -> int\n\nThe largest frame compress_into makes of size bytes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CodecType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vaultfs.chunker._blob.Codec",
+    .tp_basicsize = sizeof(CodecObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Codec(level=3)\n\nA zstd compression and decompression context for one thread at a "
+              "time (RuntimeError if two use it at once).",
+    .tp_new = Codec_new,
+    .tp_dealloc = (destructor)Codec_dealloc,
+    .tp_methods = Codec_methods,
+};
+
+/* -- module ------------------------------------------------------------------------------------- */
+
+static PyObject *
+available(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(load_libs() == 1);
+}
+
+static PyMethodDef module_methods[] = {
+    {"available", available, METH_NOARGS,
+     "available() -> bool\n\nWhether libcrypto and libzstd could be loaded."},
+    {"seal_into", (PyCFunction)(void (*)(void))seal_into, METH_FASTCALL, seal_into_doc},
+    {"open_into", (PyCFunction)(void (*)(void))open_into, METH_FASTCALL, open_into_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef blob_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_blob",
+    .m_doc = "Native per-blob work (zstd, seal, open); use vaultfs.crypto and vaultfs.chunker.blob.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__blob(void)
+{
+    if (PyType_Ready(&CodecType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&blob_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Codec", (PyObject *)&CodecType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
