@@ -5,7 +5,9 @@
 
 Rows:
 * restic backup of the dataset to a fresh repository through each server (restic does the chunking,
-  encryption and uploads; the server receives ~dataset-size of packs);
+  encryption and uploads; the server receives ~dataset-size of packs); the two servers take turns run by
+  run (alternating which goes first) so a change in the machine's load hits both alike, and the server
+  process's own CPU time (user+sys) is shown beside the wall time;
 * restic check --read-data through each server (downloads everything);
 * raw HTTP: one 64 MiB upload and download, and 1,000 small range reads, with httpx;
 * vault backup of the dataset through `vault serve` and to a local folder.
@@ -98,6 +100,13 @@ def rclone_serve(data: Path) -> tuple[Proc, str]:
     return proc, f"{proc.url}bench/"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
@@ -110,10 +119,12 @@ def with_creds(url: str, user: str, psk: str) -> str:
 
 
 def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
-    for server in ("vault serve", "rclone serve restic"):
-        best_backup = best_check = float("inf")
-        for run in range(runs):
+    """Best wall time and best server CPU time of restic backup and check through each server."""
+    servers = ["vault serve", "rclone serve restic"]
+    results = {s: {k: float("inf") for k in ("backup", "check", "backup cpu", "check cpu")}
+               for s in servers}  # fmt: skip
+    for run in range(runs):
+        for server in servers if run % 2 == 0 else servers[::-1]:
             data = work / f"{server.split()[0]}-{run}"
             if server == "vault serve":
                 proc, url, psk = vault_serve(data)
@@ -123,19 +134,24 @@ def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, flo
                 repo = "rest:" + url
             cache = work / "restic-cache"
             env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(cache)}
+            best = results[server]
             try:
                 subprocess.run(["restic", "-r", repo, "init"], check=True, env=env,
                                capture_output=True)  # fmt: skip
-                best_backup = min(best_backup, timed(["restic", "-r", repo, "backup", "-q", "."],
-                                                     env, cwd=dataset))  # fmt: skip
-                shutil.rmtree(cache, ignore_errors=True)
-                best_check = min(best_check, timed(["restic", "-r", repo, "check", "--read-data"],
-                                                   env))  # fmt: skip
+                for job, cmd, cwd in (
+                    ("backup", ["restic", "-r", repo, "backup", "-q", "."], dataset),
+                    ("check", ["restic", "-r", repo, "check", "--read-data"], None),
+                ):
+                    if job == "check":
+                        shutil.rmtree(cache, ignore_errors=True)
+                    before = cpu_seconds(proc.proc.pid)
+                    best[job] = min(best[job], timed(cmd, env, cwd=cwd))
+                    best[f"{job} cpu"] = min(best[f"{job} cpu"],
+                                             cpu_seconds(proc.proc.pid) - before)  # fmt: skip
             finally:
                 proc.stop()
                 shutil.rmtree(cache, ignore_errors=True)
                 shutil.rmtree(data, ignore_errors=True)
-        results[server] = {"backup": best_backup, "check": best_check}
     return results
 
 
@@ -181,11 +197,11 @@ def http_rows(work: Path) -> dict[str, dict[str, float]]:
 
 
 def vault_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
-    results = {}
+    targets = ["vault serve", "local folder"]
+    results = dict.fromkeys(targets, float("inf"))
     env = {**os.environ, "VAULT_PASSWORD": "bench", "XDG_CACHE_HOME": str(work / "xdg")}
-    for target in ("vault serve", "local folder"):
-        best = float("inf")
-        for run in range(runs):
+    for run in range(runs):
+        for target in targets if run % 2 == 0 else targets[::-1]:
             data = work / f"vb-{target.split()[0]}-{run}"
             proc = None
             if target == "vault serve":
@@ -196,14 +212,14 @@ def vault_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
             try:
                 subprocess.run([PY, "-m", "vaultfs.tools.main", "-r", repo, "init"], check=True,
                                env=env, capture_output=True)  # fmt: skip
-                best = min(best, timed([PY, "-m", "vaultfs.tools.main", "-r", repo, "backup", "-q",
-                                        "."], env, cwd=dataset))  # fmt: skip
+                took = timed([PY, "-m", "vaultfs.tools.main", "-r", repo, "backup", "-q", "."], env,
+                             cwd=dataset)  # fmt: skip
+                results[target] = min(results[target], took)
             finally:
                 if proc is not None:
                     proc.stop()
                 shutil.rmtree(data, ignore_errors=True)
                 shutil.rmtree(work / "xdg", ignore_errors=True)
-        results[target] = best
     return results
 
 
@@ -225,12 +241,15 @@ def main() -> None:
         mine = vault_rows(dataset, work, args.runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"dataset: {size:.0f} MB; best of {args.runs}; {os.cpu_count()} cores\n")
+    print(f"dataset: {size:.0f} MB; best of {args.runs}; {os.cpu_count()} cores; "
+          f"load average at the end {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print("| client and job | vault serve | rclone serve restic |")
     print("|---|---|---|")
     for job, label in (("backup", "restic backup"), ("check", "restic check --read-data")):
         a, b = restic["vault serve"][job], restic["rclone serve restic"][job]
         print(f"| {label} | {a:.1f} s ({size / a:.0f} MB/s) | {b:.1f} s ({size / b:.0f} MB/s) |")
+        a, b = restic["vault serve"][f"{job} cpu"], restic["rclone serve restic"][f"{job} cpu"]
+        print(f"| server CPU during {label} | {a:.2f} s | {b:.2f} s |")
     for key, label, unit in (
         ("upload", "httpx 64 MiB upload", "MB/s"),
         ("download", "httpx 64 MiB download", "MB/s"),
