@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import gc
 import logging
 import os
 import re
@@ -37,6 +38,9 @@ DEFAULT_CACHE_MIB = 8
 #: Kernel read-ahead for the mount, in KiB. The kernel's default of 128 KiB splits a sequential read
 #: into 128 KiB requests; 1 MiB requests cost an eighth of the round trips through pyfuse3.
 READ_AHEAD_KB = 4096
+
+#: Allocations between collections of the youngest generation (Python's default is 700).
+GC_THRESHOLD = 20_000
 
 log = logging.getLogger("vaultfs.fuse")
 
@@ -162,7 +166,8 @@ def mount(
 ) -> None:
     """Mount the vault at ``mountpoint`` and serve it until it is unmounted (blocking).
 
-    ``ready(mountpoint)`` is called once the mount is in place. Returns when ``fusermount3 -u`` (or
+    ``ready(mountpoint)`` is called once the mount is in place. Tunes the process's garbage collector
+    (``gc.freeze``, a higher threshold) for the long run. Returns when ``fusermount3 -u`` (or
     ``umount``) unmounted it, or after SIGINT/SIGTERM unmounted it. Raises MountError for an unusable
     mount point, and any VaultError of reading the index or the snapshots.
     """
@@ -170,6 +175,7 @@ def mount(
     mnt = check_mountpoint(mountpoint)
     _one_malloc_arena()
     ops = build_operations(repo, mnt, options)
+    _fewer_collections()
     _return_free_memory()
     fuse_options = {"fsname=vaultfs", "subtype=vaultfs", "ro", "default_permissions"}
     if options.allow_other:
@@ -200,6 +206,16 @@ def _one_malloc_arena() -> None:
         return
     m_arena_max = -8  # from glibc's malloc.h
     mallopt(m_arena_max, 1)
+
+
+def _fewer_collections() -> None:
+    """Move what loading created (index, snapshots, modules) out of the garbage collector's sight and
+    let more objects pile up between collections: a walk over a big snapshot allocates many
+    long-lived objects (tree entries, inodes), and each collection of the older generations went
+    through all of them again."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
 def _return_free_memory() -> None:
