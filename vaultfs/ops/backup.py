@@ -35,7 +35,7 @@ Pipeline
   vault version 2) and seal (AES-CTR + Poly1305) it.
 - Storing a blob (any of those threads) compresses it into the thread's scratch buffer and seals it
   straight into a region reserved at the end of the open pack (vaultfs.repo.packer): the blob's bytes
-  are written once, and no buffer is allocated per blob. Two more threads write each pack once it is
+  are written once, and no buffer is allocated per blob. One more thread writes each pack once it is
   full (SHA-256, write, fsync) while the others go on; they also write an index now and then.
 - A folder's tree is encoded and stored by whichever thread completes its last entry, so trees are saved
   bottom-up as soon as they can be. A folder whose entries all equal the parent snapshot's has the parent's
@@ -122,8 +122,9 @@ DEFAULT_INDEX_INTERVAL = 60.0
 #: about 3% more output there, and needs half the memory per thread (1.3 against 2.5 MiB).
 ZSTD_LEVEL = 1
 #: Threads writing full packs (SHA-256, write, fsync: 50 to 100 ms per pack here) while the others go
-#: on; with two, one pack is written while the next one's write waits on the disk.
-PACK_WRITERS = 2
+#: on. One keeps up with two cores of producers on the benchmark; a second one cost ~20 MB of peak RSS
+#: (its pack buffer) for no measurable speed.
+PACK_WRITERS = 1
 #: Seconds between progress reports.
 PROGRESS_INTERVAL = 0.5
 
@@ -720,13 +721,22 @@ class _Backup:
             else:
                 local.codec = Codec(ZSTD_LEVEL)
                 local.scratch = mmap.mmap(-1, local.codec.bound(MAX_SIZE))
+                local.reached = 0
             codec = local.codec
         if not NATIVE:
             return memoryview(codec.compress(plain))
         scratch = local.scratch
+        keep = _ChunkBuffers.KEEP
+        if local.reached > keep:
+            # The previous blob was long (its caller is done with it): give back the pages past
+            # KEEP that most blobs never need, as the chunk buffers do.
+            scratch.madvise(mmap.MADV_DONTNEED, keep, len(scratch) - keep)
+            local.reached = 0
         if len(plain) > MAX_SIZE:  # only a tree can be this large
-            scratch = bytearray(codec.bound(len(plain)))
-        return memoryview(scratch)[: codec.compress_into(scratch, plain)]
+            big = bytearray(codec.bound(len(plain)))
+            return memoryview(big)[: codec.compress_into(big, plain)]
+        n = local.reached = codec.compress_into(scratch, plain)
+        return memoryview(scratch)[:n]
 
     def maybe_flush_index(self) -> None:
         """Write an index for the packs written so far when the interval is over, so that a backup
