@@ -88,6 +88,24 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     return start, end - start + 1
 
 
+class BufferPool:
+    """Reused transfer buffers of one size: a fresh megabyte costs page faults on every touch, a
+    reused one none. Keeps at most ``keep`` idle buffers. Lives in the server's trio thread; a buffer
+    handed to a worker thread is given back only after that thread returned."""
+
+    def __init__(self, size: int, keep: int = 16) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give(self, buffer: bytearray) -> None:
+        if len(self._free) < self.keep and len(buffer) == self.size:
+            self._free.append(buffer)
+
+
 class BucketServer:
     """Request handler shared by all connections of one server (lives in its trio thread)."""
 
@@ -103,6 +121,7 @@ class BucketServer:
         self.metrics_filter = AddressFilter(config.networks("metrics_allow"), [])
         self._commit_locks: dict[tuple[str, str, str], trio.Lock] = {}
         self.open_objects = OpenObjects()
+        self.buffers = BufferPool(WRITE_BATCH)
 
     def close(self) -> None:
         self.open_objects.close()
@@ -228,8 +247,13 @@ class BucketServer:
             status, (start, length) = 206, span  # type: ignore[misc]
             headers.append(("content-range", f"bytes {start}-{start + length - 1}/{size}"))
         if length > READ_PIECE:
+            own = os.dup(fd)  # the cache may close its descriptor while this one streams
             return Response(
-                status, headers, self._producer(os.dup(fd), start, length), length=length
+                status,
+                headers,
+                self._producer(own, start, length),
+                length=length,
+                on_done=lambda: os.close(own),
             )
         # Small answers: straight from the page cache when it holds them, else one worker hop.
         data = read_cached(fd, start, length)
@@ -240,31 +264,34 @@ class BucketServer:
         return Response(status, headers, data)
 
     def _producer(self, fd: int, start: int, length: int) -> Producer:
-        """Sends the object's bytes in pieces; the next piece is read from disk while one is sent.
-        The caller closes ``fd`` (Response.on_done)."""
+        """Sends the object's bytes in pieces; the next piece is read from disk (into a pooled
+        buffer) while one is sent. The caller closes ``fd`` (Response.on_done)."""
         end = start + length
 
-        async def produce(send: Callable[[bytes], Awaitable[None]]) -> None:
-            tx, rx = trio.open_memory_channel[bytes](1)
+        async def produce(send: Callable[[memoryview], Awaitable[None]]) -> None:
+            tx, rx = trio.open_memory_channel[tuple[bytearray, memoryview]](1)
 
             async def reader() -> None:
                 async with tx:
                     offset = start
                     while offset < end:
                         want = min(READ_PIECE, end - offset)
-                        piece = await self._thread(Storage.read_sync, fd, offset, want)
-                        if len(piece) != want:
+                        buffer = self.buffers.take()
+                        view = memoryview(buffer)[:want]
+                        got = await self._thread(Storage.read_into_sync, fd, offset, view)
+                        if got != want:
                             # Files are written once, so this is damage: end the connection
                             # rather than send less than the Content-Length promised.
                             raise ClientGone("object changed while it was sent")
                         offset += want
-                        await tx.send(piece)
+                        await tx.send((buffer, view))
 
             async with one_error(), trio.open_nursery() as nursery:
                 nursery.start_soon(reader)
                 async with rx:
-                    async for piece in rx:
-                        await send(piece)
+                    async for buffer, view in rx:
+                        await send(view)  # returns once the kernel holds the bytes
+                        self.buffers.give(buffer)
 
         return produce
 
@@ -317,7 +344,8 @@ class BucketServer:
         size = min(WRITE_BATCH, request.content_length or WRITE_BATCH)
         give_back, take = trio.open_memory_channel[memoryview](3)
         for _ in range(3):
-            give_back.send_nowait(memoryview(bytearray(size)))
+            buffer = self.buffers.take() if size == WRITE_BATCH else bytearray(size)
+            give_back.send_nowait(memoryview(buffer))
         send, receive = trio.open_memory_channel[tuple[memoryview, int]](1)
 
         async def writer() -> None:
@@ -341,6 +369,12 @@ class BucketServer:
                         await send.send((buffer, filled))
                     if filled < size:
                         break
+        if size == WRITE_BATCH:  # all three are back once the writer finished
+            while True:
+                try:
+                    self.buffers.give(take.receive_nowait().obj)  # type: ignore[arg-type]
+                except trio.WouldBlock:
+                    break
 
     async def _delete(self, bucket: Bucket, kind: str, name: str) -> Response:
         if bucket.append_only and kind != "locks":

@@ -49,7 +49,7 @@ class ClientGone(Exception):
 
 
 #: A streamed body: called with ``send(piece)``; it must send exactly ``Response.length`` bytes.
-Producer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+Producer = Callable[[Callable[[bytes | memoryview], Awaitable[None]]], Awaitable[None]]
 
 
 @dataclass
@@ -465,7 +465,7 @@ class HttpConnection:
                 sent = len(body)
         elif not head_only:
 
-            async def send(piece: bytes) -> None:
+            async def send(piece: bytes | memoryview) -> None:
                 nonlocal sent
                 await self._send(h11.Data(data=piece))
                 sent += len(piece)

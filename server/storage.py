@@ -284,6 +284,13 @@ class Storage:
         except OSError as exc:
             raise _oserror("read", exc) from None
 
+    @staticmethod
+    def read_into_sync(fd: int, offset: int, buffer: memoryview) -> int:
+        try:
+            return os.preadv(fd, [buffer], offset)
+        except OSError as exc:
+            raise _oserror("read", exc) from None
+
     def list_sync(self, bucket: str, kind: str) -> list[tuple[str, int]] | None:
         """(name, size) of every object of ``kind`` in every volume; None when no volume has the
         kind's folder (a bucket that was never initialised).

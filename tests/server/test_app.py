@@ -101,6 +101,10 @@ def test_files_changed_behind_the_servers_back_are_not_served_from_open_files(
     os.rename(folder / "config.new", folder / "config")
     assert client.get("config").content == b"second"
     assert client.get(f"data/{large_name}").content == large
+    descriptors = len(os.listdir("/proc/self/fd"))  # the server runs in this process
+    for _ in range(10):
+        assert client.get(f"data/{large_name}", headers={"Range": "bytes=1-"}).content == large[1:]
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # no descriptor left behind
     assert client.delete(f"data/{large_name}").status_code == 200
     assert client.get(f"data/{large_name}").status_code == 404
 
