@@ -18,7 +18,9 @@ config last, so an interrupted deletion leaves a smaller but valid source.
 Files are copied by ``workers`` threads, each streaming one file at a time in pieces of ``PIECE`` bytes
 (``Backend.write_stream``): memory per worker is bounded by the piece size, not by the file size. The
 hash is computed in flight and checked before the last piece is handed over, so a damaged source file
-aborts its write and nothing of it becomes visible at the target. Resume checks and ``verify`` hash
+aborts its write: local folders and vault serve never show it; a server that writes under the final name
+while receiving (rclone) may keep the part it got, which is then removed (and a re-run replaces any
+leftover, whose size is wrong). Resume checks and ``verify`` hash
 target files piece by piece too.
 """
 
@@ -199,6 +201,8 @@ def migrate(
         try:
             dst.write_stream(kind, name, lambda: _checked_pieces(src, kind, name, size), size)
         except _Mismatch:
+            # Servers with atomic uploads stored nothing; some (rclone) keep what they received.
+            dst.remove(kind, name)
             with tally:
                 report.corrupt.append(_where(kind, name))
             return
