@@ -29,7 +29,14 @@ import logging
 import sys
 
 from vaultfs.errors import UsageError
-from vaultfs.fuse.mount import DEFAULT_CACHE_MIB, MIB, MountOptions, check_mountpoint, mount
+from vaultfs.fuse.mount import (
+    DEFAULT_CACHE_MIB,
+    MIB,
+    MountOptions,
+    check_mountpoint,
+    mount,
+    one_malloc_arena,
+)
 from vaultfs.tools.common import Output, add_snapshot_filters, locked, open_repository
 
 
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("--cache-size must be a positive number of MiB")
     # Checked before asking for the password and reading the index, so a wrong folder fails fast.
     mountpoint = check_mountpoint(args.mountpoint)
+    one_malloc_arena()  # before any thread (the lock's refresher) allocates
     _log_to_stderr()
     options = MountOptions(
         allow_other=args.allow_other,

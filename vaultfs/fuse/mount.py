@@ -173,7 +173,7 @@ def mount(
     """
     options = options or MountOptions()
     mnt = check_mountpoint(mountpoint)
-    _one_malloc_arena()
+    one_malloc_arena()
     ops = build_operations(repo, mnt, options)
     _fewer_collections()
     _return_free_memory()
@@ -192,8 +192,10 @@ def mount(
         pyfuse3.close(unmount=True)
 
 
-def _one_malloc_arena() -> None:
-    """Have glibc serve every thread from one arena (a no-op without glibc).
+def one_malloc_arena() -> None:
+    """Have glibc serve every thread from one arena (a no-op without glibc). ``mount`` calls it; a
+    program that starts threads before (the lock refresher of ``vault mount``) calls it first, since
+    threads that have allocated already keep their own arena and later threads share those.
 
     By default each worker thread gets an arena of its own, and each keeps the multi-MiB blocks that
     blob decoding passes through: measured on dd of a 320 MiB file, one arena cut the peak RSS from
@@ -206,6 +208,8 @@ def _one_malloc_arena() -> None:
         return
     m_arena_max = -8  # from glibc's malloc.h
     mallopt(m_arena_max, 1)
+    # Measured: with the lock refresher's arena made before this call, the peak RSS of tar over
+    # 20,000 files was 104 MB instead of 95 MB.
 
 
 def _fewer_collections() -> None:
