@@ -27,7 +27,7 @@ from vaultfs.backend import open_backend
 from vaultfs.errors import UsageError
 from vaultfs.ops.migrate import DEFAULT_WORKERS, MigrateReport, migrate
 from vaultfs.tools.cmd_deep_verify import StagedProgress, open_vault, size_text
-from vaultfs.tools.common import Output, locked, to_jsonable
+from vaultfs.tools.common import Output, to_jsonable
 
 SHOW_PROBLEMS = 20
 
@@ -72,8 +72,14 @@ def run(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("--delete-source and --dry-run do not go together")
     repo = open_vault(args)
     target = open_backend(args.to)
+    if args.delete_source:
+        lock = repo.lock(exclusive=True)
+    else:
+        # Only reads this vault: the lock's second check runs while the first files are copied
+        # and must pass before the copy gets its config (migrate's confirm), not as a wait first.
+        lock = repo.locks.acquire_unconfirmed(exclusive=False)
     try:
-        with locked(repo, exclusive=args.delete_source), StagedProgress(out) as bar:
+        with StagedProgress(out) as bar:
             report = migrate(
                 repo.backend,
                 target,
@@ -83,8 +89,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 workers=args.workers,
                 on_stage=bar.stage,
                 on_advance=bar.advance,
+                confirm=lock.confirm,
             )
     finally:
+        lock.release()
         target.close()
     if out.json:
         doc: dict[str, Any] = {"message_type": "migrate", "ok": report.ok}

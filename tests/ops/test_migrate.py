@@ -28,7 +28,9 @@ from tests.ops.test_prune import (
 )
 from tests.tools.cli import vault
 from vaultfs.backend import LocalBackend, open_backend
-from vaultfs.errors import IntegrityError, UsageError, VaultError
+from vaultfs.errors import IntegrityError, UsageError, VaultError, VaultLocked
+from vaultfs.format.gojson import GoTime
+from vaultfs.format.lock import Lock
 from vaultfs.ops.migrate import PIECE, migrate
 from vaultfs.repo.repository import Repository
 
@@ -120,6 +122,35 @@ def test_refuses_another_vault_and_itself(source, tmp_path):
     assert vault_files(tmp_path / "other") == before
     with pytest.raises(UsageError):
         migrate(LocalBackend(str(source.path)), LocalBackend(str(source.path) + "/"))
+
+
+def test_lock_conflict_found_late_stops_before_the_config(source, tmp_path):
+    """vault migrate takes its shared lock without the up-front wait: the lock's second check runs
+    while files are copied (confirm(False) after each file) and must pass (confirm(True)) before the
+    target gets its config. A conflict found then leaves a config-less target a re-run completes."""
+    calls: list[bool] = []
+
+    def confirm(wait: bool) -> None:
+        calls.append(wait)
+        if wait:
+            raise VaultLocked("the vault is locked: exclusive lock by someone@another-host")
+
+    with pytest.raises(VaultLocked):
+        migrate(LocalBackend(str(source.path)), LocalBackend(str(tmp_path / "t")), confirm=confirm)
+    assert calls.count(False) == len(vault_files(source.path)) - 1 and calls[-1] is True
+    assert not (tmp_path / "t" / "config").exists()
+    again = migrate(LocalBackend(str(source.path)), LocalBackend(str(tmp_path / "t")))
+    assert again.ok and again.copied == 1  # only the config was left to copy
+    assert vault_files(tmp_path / "t") == vault_files(source.path)
+
+
+def test_cli_migrate_refuses_a_vault_locked_elsewhere(source, tmp_path):
+    src = copy_of(source, tmp_path)
+    other = Lock(GoTime.now(), True, "another-host", "someone", 4242)
+    src.repo().save_unpacked("locks", other.encode())
+    result = vault("-r", src.path, "migrate", "--to", tmp_path / "t", password=PASSWORD, expect=11)
+    assert "another-host" in result.err
+    assert not (tmp_path / "t" / "config").exists()
 
 
 class _Flipping(LocalBackend):

@@ -154,9 +154,15 @@ def migrate(
     workers: int = DEFAULT_WORKERS,
     on_stage: StageCallback | None = None,
     on_advance: AdvanceCallback | None = None,
+    confirm: Callable[[bool], object] | None = None,
 ) -> MigrateReport:
     """Copy the vault at ``src`` to ``dst`` (see the module docstring). ``delete_source`` implies
     ``verify`` and deletes only when the copy is complete and verified.
+
+    ``confirm(wait)`` is for a source lock taken without waiting (``HeldLock.confirm``): it is
+    called with ``wait=False`` after every file (so the lock's second check and refresh start while
+    files are copied) and with ``wait=True`` before the target gets its config (and before a dry run
+    reports). Whatever it raises stops the migrate with a config-less, resumable target.
 
     The caller holds a lock on the source (exclusive with ``delete_source``). Raises NoVault when
     ``src`` holds no vault, VaultError when ``dst`` holds another one, UsageError when they are the
@@ -180,6 +186,8 @@ def migrate(
                 else:
                     report.copied += 1
                     report.bytes_copied += size
+        if confirm is not None:
+            confirm(True)
         report.seconds = time.monotonic() - started
         return report
     dst.create()
@@ -189,6 +197,12 @@ def migrate(
     tally = threading.Lock()
 
     def copy(kind: str, name: str, size: int, present: int | None) -> None:
+        _copy(kind, name, size, present)
+        if confirm is not None:
+            with tally:
+                confirm(False)
+
+    def _copy(kind: str, name: str, size: int, present: int | None) -> None:
         if present == size and _digest(dst, kind, name, size) == name:
             with tally:
                 report.skipped += 1
@@ -224,6 +238,8 @@ def migrate(
     if report.corrupt:
         report.seconds = time.monotonic() - started
         return report
+    if confirm is not None:
+        confirm(True)
     if dst.exists("config", ""):
         report.skipped += 1
     else:
