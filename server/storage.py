@@ -30,7 +30,7 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from vaultfs.backend.local import TEMP_MARK, preallocate
+from vaultfs.backend.local import TEMP_MARK, preallocate, start_writeback
 
 OBJECT_KINDS = ("keys", "data", "index", "snapshots", "locks", "packindex")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -118,6 +118,7 @@ class Upload:
                 while view:
                     n = os.write(self.fd, view)
                     view = view[n:]
+                start_writeback(self.fd, self.size, size)
                 self.size += size
         except OSError as exc:
             raise _oserror("write upload", exc) from None

@@ -22,16 +22,18 @@ _TEMPORARY_ERRNOS = {errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
 
 
 _FALLOC_FL_KEEP_SIZE = 1
+_SYNC_FILE_RANGE_WRITE = 2
 PREALLOCATE_FROM = 64 * 1024  # smaller files gain nothing worth a system call
 
 
 @functools.cache
-def _fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _libc_call(name: str, *argtypes: type) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """A Linux system call wrapper from the C library, or None where it does not exist."""
     try:
-        call = ctypes.CDLL(None, use_errno=True).fallocate
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.argtypes = list(argtypes)
     call.restype = ctypes.c_int
     return call
 
@@ -42,7 +44,7 @@ def preallocate(fd: int, size: int) -> None:
     for writing and fsyncing a 17 MiB file), and a full disk shows before the bytes are written. Raises
     OSError(ENOSPC/EDQUOT); where the file system cannot preallocate, nothing happens (glibc's
     posix_fallocate would emulate it by writing every block, so the system call is used directly)."""
-    call = _fallocate()
+    call = _libc_call("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     if call is None or size < PREALLOCATE_FROM:
         return
     # FALLOC_FL_KEEP_SIZE: the file still grows only as bytes are written, so a short write could
@@ -51,6 +53,18 @@ def preallocate(fd: int, size: int) -> None:
         err = ctypes.get_errno()
         if err in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(err, os.strerror(err))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing [offset, offset+length) to disk now, without waiting
+    (sync_file_range, SYNC_FILE_RANGE_WRITE): a file written piece by piece then reaches its fsync
+    with little left to write (measured: fsync of a 17 MiB file 7-9 ms -> 2-3.5 ms). Durability
+    still comes from the fsync; where the call is missing, nothing happens."""
+    call = _libc_call(
+        "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+    )
+    if call is not None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fail(action: str, where: str, exc: OSError) -> BackendError:
@@ -218,10 +232,13 @@ class LocalBackend(Backend):
                 written = 0
                 for piece in pieces:
                     view = memoryview(piece).cast("B")
+                    start = written
                     written += len(view)
                     while view:
                         n = os.write(fd, view)
                         view = view[n:]
+                    if written < size:  # more to come: let the disk work meanwhile
+                        start_writeback(fd, start, written - start)
                 check_streamed_size(kind, name, written, size)
                 os.fsync(fd)
             finally:
