@@ -29,7 +29,7 @@ from typing import Any
 from vaultfs.errors import UsageError
 from vaultfs.ops.prune import DEFAULT_MAX_UNUSED, PruneReport, prune
 from vaultfs.tools.cmd_deep_verify import StagedProgress, open_vault, size_text
-from vaultfs.tools.common import Output, locked, to_jsonable
+from vaultfs.tools.common import Output, to_jsonable
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -105,10 +105,20 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, out: Output) -> int:
     options = prune_options(args)
     repo = open_vault(args)
-    with locked(repo, exclusive=not args.dry_run), StagedProgress(out) as bar:
-        report = prune(
-            repo, dry_run=args.dry_run, on_stage=bar.stage, on_advance=bar.advance, **options
-        )
+    # Prune reads and plans while the lock's second check runs, and confirms it before writing.
+    lock = repo.locks.acquire_unconfirmed(exclusive=not args.dry_run)
+    try:
+        with StagedProgress(out) as bar:
+            report = prune(
+                repo,
+                dry_run=args.dry_run,
+                on_stage=bar.stage,
+                on_advance=bar.advance,
+                confirm_lock=lock.confirm,
+                **options,
+            )
+    finally:
+        lock.release()
     if out.json:
         out.emit(prune_json(report))
     else:

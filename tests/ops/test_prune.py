@@ -25,8 +25,10 @@ from tests.helpers.restic import Restic, ResticRepo, require_restic
 from tests.tools.cli import one_line_error, vault
 from vaultfs.backend import Backend, LocalBackend
 from vaultfs.crypto import MasterKey
+from vaultfs.errors import VaultLocked
 from vaultfs.format.config import Config
 from vaultfs.format.gojson import GoTime
+from vaultfs.format.lock import Lock
 from vaultfs.format.pack import DATA
 from vaultfs.ops.backup import backup
 from vaultfs.ops.deepverify import deep_verify
@@ -225,6 +227,40 @@ def test_prune_deletes_and_repacks_and_restic_agrees(forgotten, tmp_path):
     # nothing left to do; a full walk agrees with what the packindex files said
     again = prune(repo, use_packindex=False)
     assert not (again.packs_deleted or again.packs_repacked or again.packs_unindexed_deleted)
+
+
+def test_lock_conflict_found_by_the_late_check_writes_nothing(forgotten, tmp_path):
+    """vault prune reads and plans while its lock's second check runs (confirm_lock): a conflict that
+    check finds stops it before its first write or delete, in a dry run too."""
+    built, _kept = forgotten
+    built = copy_of(built, tmp_path)
+    counting = CrashingBackend(LocalBackend(str(built.path)))
+    before = data_files(built.path)
+    calls = []
+
+    def conflict() -> None:
+        calls.append(counting.mutations)
+        raise VaultLocked("the vault is locked: exclusive lock by someone@another-host")
+
+    for dry_run in (False, True):
+        with pytest.raises(VaultLocked):
+            prune(built.repo(counting), dry_run=dry_run, confirm_lock=conflict)
+    assert calls == [0, 0] and counting.mutations == 0
+    assert data_files(built.path) == before
+    report = prune(built.repo(counting), confirm_lock=lambda: calls.append(counting.mutations))
+    assert calls[-1] == 0 and counting.mutations > 0 and report.packs_deleted
+
+
+def test_cli_prune_refuses_a_vault_locked_elsewhere(forgotten, tmp_path):
+    built, _kept = forgotten
+    built = copy_of(built, tmp_path)
+    other = Lock(GoTime.now(), False, "another-host", "someone", 4242)
+    built.repo().save_unpacked("locks", other.encode())
+    before = data_files(built.path)
+    result = vault("-r", built.path, "prune", password=PASSWORD, expect=11)
+    assert "another-host" in one_line_error(result)
+    assert data_files(built.path) == before
+    assert len(list(LocalBackend(str(built.path)).list("locks"))) == 1  # only the other one
 
 
 def test_packindex_spares_walks_and_unlimited_only_deletes(forgotten, tmp_path):

@@ -506,13 +506,16 @@ def prune(
     workers: int = DEFAULT_WORKERS,
     on_stage: StageCallback | None = None,
     on_advance: AdvanceCallback | None = None,
+    confirm_lock: Callable[[], object] | None = None,
 ) -> PruneReport:
     """Prune the vault (see the module docstring). ``max_unused`` is the percentage of unused bytes a
     pack may hold before it is repacked (None: never repack, only delete packs wholly unused);
     ``max_repack_bytes`` caps the bytes copied. Snapshots in ``forgotten`` count as gone (what a dry
     run after a dry-run forget needs; only allowed with ``dry_run``).
 
-    The caller must hold the exclusive lock. Raises MissingData (an IntegrityError) when a kept snapshot
+    The caller must hold the exclusive lock. A lock taken with ``LockManager.acquire_unconfirmed``
+    is passed as ``confirm_lock`` (its ``confirm``): prune reads and plans while the lock's second check
+    runs and calls it before it writes or deletes anything (a dry run: before it returns). Raises MissingData (an IntegrityError) when a kept snapshot
     depends on a missing blob, IntegrityError when an index or snapshot file is unreadable or a blob to
     be copied is damaged in every copy, and BackendError when the storage fails; in every case the vault
     is left valid. Never prints; ``on_stage``/``on_advance`` report progress.
@@ -554,6 +557,8 @@ def prune(
     )
     doomed = the_plan.delete | the_plan.repack.keys() | the_plan.unindexed
     report.bytes_deleted = sum(state.listed.get(p, 0) for p in doomed)
+    if confirm_lock is not None:
+        confirm_lock()  # raises VaultLocked when another job holds the vault: nothing written yet
     if dry_run:
         report.bytes_written = the_plan.repack_bytes
         report.seconds = time.monotonic() - started
