@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import getpass
-import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vaultfs.backend import open_backend
 from vaultfs.errors import NoVault, UsageError, VaultError
-from vaultfs.repo.repository import Repository
+
+if TYPE_CHECKING:
+    # Imported where a vault is opened: the repository layer brings numpy and the crypto libraries,
+    # which commands without the password (verify, help, version) never need.
+    from vaultfs.repo.repository import Repository
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +123,8 @@ def _first_line(path: str) -> bytes:
 
 
 def _password_from_command(command: str) -> bytes:
+    import subprocess
+
     try:
         proc = subprocess.run(command, shell=True, capture_output=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -135,6 +138,8 @@ def _password_from_command(command: str) -> bytes:
 
 
 def _prompt(prompt: str, confirm: bool) -> bytes:
+    import getpass
+
     try:
         first = getpass.getpass(prompt)
         if confirm and getpass.getpass("enter the password again: ") != first:
@@ -164,6 +169,8 @@ def open_repository(args: argparse.Namespace) -> Repository:
         raise NoVault(
             f"there is no vault at {backend} (no config file); create one with `vault init`"
         )
+    from vaultfs.repo.repository import Repository
+
     return Repository.open(backend, read_password(args), key_hint=os.environ.get("VAULT_KEY_HINT"))
 
 
@@ -203,11 +210,15 @@ class Output:
 
     def emit(self, doc: Any) -> None:
         """One JSON document on stdout."""
+        import json  # here, like the other imports only some runs need: start-up time counts
+
         sys.stdout.write(json.dumps(to_jsonable(doc), ensure_ascii=False) + "\n")
         sys.stdout.flush()
 
     def emit_line(self, doc: Any) -> None:
         """One JSON line (for streams such as progress)."""
+        import json
+
         sys.stdout.write(
             json.dumps(to_jsonable(doc), ensure_ascii=False, separators=(",", ":")) + "\n"
         )

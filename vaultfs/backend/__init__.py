@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from vaultfs.backend.base import KINDS, Backend
 from vaultfs.backend.local import LocalBackend
-from vaultfs.backend.rest import RestBackend
 from vaultfs.backend.retry import RetryBackend
 from vaultfs.errors import UsageError
 
+if TYPE_CHECKING:
+    from vaultfs.backend.rest import RestBackend
+
 __all__ = ["KINDS", "Backend", "LocalBackend", "RestBackend", "RetryBackend", "open_backend"]
+
+
+def __getattr__(name: str) -> Any:
+    # The REST backend (ssl, sockets) is imported when first used: most runs open a local folder.
+    if name == "RestBackend":
+        from vaultfs.backend.rest import RestBackend
+
+        return RestBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_backend(location: str) -> Backend:
@@ -19,6 +32,8 @@ def open_backend(location: str) -> Backend:
     if location.startswith("local:"):
         return RetryBackend(LocalBackend(location[len("local:") :]))
     if location.startswith("rest:"):
+        from vaultfs.backend.rest import RestBackend
+
         return RetryBackend(RestBackend(location))
     for scheme in ("sftp:", "s3:", "rclone:", "b2:", "azure:", "gs:", "swift:"):
         if location.startswith(scheme):

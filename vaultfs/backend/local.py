@@ -7,15 +7,17 @@ temp files. ``data`` objects live in ``data/<first two hex>/<name>``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
-import secrets
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from vaultfs.backend.base import KINDS, Backend, Source, check_name, check_streamed_size
 from vaultfs.errors import BackendError, ObjectNotFound
+
+if TYPE_CHECKING:
+    import ctypes
 
 TEMP_MARK = "-tmp-"
 _TEMPORARY_ERRNOS = {errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
@@ -29,6 +31,8 @@ PREALLOCATE_FROM = 64 * 1024  # smaller files gain nothing worth a system call
 @functools.cache
 def _libc_call(name: str, *argtypes: type) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """A Linux system call wrapper from the C library, or None where it does not exist."""
+    import ctypes  # here, not at the top: commands that only read (verify) never load it
+
     try:
         call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
@@ -44,6 +48,8 @@ def preallocate(fd: int, size: int) -> None:
     for writing and fsyncing a 17 MiB file), and a full disk shows before the bytes are written. Raises
     OSError(ENOSPC/EDQUOT); where the file system cannot preallocate, nothing happens (glibc's
     posix_fallocate would emulate it by writing every block, so the system call is used directly)."""
+    import ctypes
+
     call = _libc_call("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     if call is None or size < PREALLOCATE_FROM:
         return
@@ -60,6 +66,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     (sync_file_range, SYNC_FILE_RANGE_WRITE): a file written piece by piece then reaches its fsync
     with little left to write (measured: fsync of a 17 MiB file 7-9 ms -> 2-3.5 ms). Durability
     still comes from the fsync; where the call is missing, nothing happens."""
+    import ctypes
+
     call = _libc_call(
         "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
     )
@@ -220,7 +228,7 @@ class LocalBackend(Backend):
         where = self._where(kind, name)
         if os.path.exists(path):
             return
-        tmp = f"{path}{TEMP_MARK}{secrets.token_hex(8)}"
+        tmp = f"{path}{TEMP_MARK}{os.urandom(8).hex()}"
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -25,20 +25,21 @@ Thread safety: ``verify`` is a plain blocking function; call it from one thread 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import random
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vaultfs.backend import Backend, LocalBackend
 from vaultfs.backend.local import TEMP_MARK
 from vaultfs.errors import NoVault, UsageError, VaultError
+
+if TYPE_CHECKING:
+    import sqlite3
 
 #: Folders of a vault whose files are named by the SHA-256 of their bytes.
 FOLDERS = ("keys", "data", "index", "snapshots", "locks", "packindex")
@@ -151,6 +152,8 @@ class Subset:
 
     def selects(self, name: str) -> bool:
         if self.fraction is not None:
+            import random  # only random fractions need it
+
             return random.random() < self.fraction
         if self.t == 1:
             return True
@@ -415,6 +418,8 @@ class VerifyState:
         if self.sqlite:
             self._load_sqlite()
             return
+        import json  # state files only: not loaded by every verify run
+
         try:
             with open(self.path, encoding="utf-8") as f:
                 doc = json.load(f)
@@ -432,6 +437,8 @@ class VerifyState:
             self.records[path] = _Record(int(size), float(at), bool(ok))
 
     def _load_sqlite(self) -> None:
+        import sqlite3  # only state files use it: not imported by every verify run
+
         try:
             db = self._db = sqlite3.connect(self.path)
             db.executescript(
@@ -480,6 +487,8 @@ class VerifyState:
         self.save()
 
     def save(self) -> None:
+        import sqlite3
+
         try:
             if self.sqlite:
                 self._save_sqlite()
@@ -490,6 +499,8 @@ class VerifyState:
         self._dirty.clear()
 
     def _save_json(self) -> None:
+        import json
+
         doc = {
             "format": self.FORMAT,
             "version": 1,
@@ -641,6 +652,9 @@ def verify(
             todo.append(f)
         if on_total is not None:
             on_total(len(todo), sum(f.size for f in todo))
+        # Largest files first: the small ones then fill the cores at the end, so no core sits idle
+        # while another hashes one last big pack.
+        todo.sort(key=lambda f: f.size, reverse=True)
         _hash_all(backend, todo, report, state, workers or default_workers(), progress, clock)
         if state is not None:
             state.finish(clock())
