@@ -306,3 +306,42 @@ def test_cli_json_and_text(vault_copy):
         "-r", v.path, "deep-verify", "--read-data-subset", "0/3", password=PASSWORD, expect=2
     )
     assert one_line_error(bad)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-blob-path", "python"])
+def test_check_blobs_names_each_kind_of_damage(native, monkeypatch):
+    """check_blobs (the --read-data work) gives the same verdicts with and without the C part."""
+    from vaultfs import crypto
+    from vaultfs.ops import deepverify
+
+    if native and not crypto.NATIVE:
+        pytest.skip("the C blob path is not built")
+    monkeypatch.setattr(deepverify, "NATIVE", native)
+    key = crypto.MasterKey.generate()
+    repo = type("R", (), {"key": key})()
+    rnd = __import__("random").Random(7)
+    plain = [rnd.randbytes(5000), b"abc" * 20000, rnd.randbytes(300), b"x" * 70000, b"y" * 9000]
+    sealed = [
+        key.seal(plain[0]),  # intact, stored plain
+        key.seal(unpacked.compress(plain[1])),  # intact, compressed
+        key.seal(plain[2]),  # tag broken below
+        key.seal(b"not zstd at all" * 10),  # says compressed, is not
+        key.seal(unpacked.compress(b"z" * 9000)),  # decompresses, but to other content
+    ]
+    lengths = [0, len(plain[1]), 0, len(plain[3]), len(plain[4])]
+    data = bytearray()
+    blobs = []
+    for p, s, u in zip(plain, sealed, lengths, strict=True):
+        blobs.append(PackedBlob(DATA, len(data), len(s), u, hashlib.sha256(p).digest()))
+        data += s
+    data[blobs[2].offset + 20] ^= 1
+    blobs.append(PackedBlob(DATA, len(data) - 10, 40, 0, b"\0" * 32))  # runs past the end
+    got = {b.offset: why for b, why in deepverify.check_blobs(repo, b"p" * 32, data, blobs)}
+    assert got == {
+        blobs[0].offset: None,
+        blobs[1].offset: None,
+        blobs[2].offset: "it fails authentication",
+        blobs[3].offset: "it does not decompress",
+        blobs[4].offset: "its content does not match its ID",
+        blobs[5].offset: "the pack ends before this blob",
+    }
