@@ -95,7 +95,7 @@ class TreeDir(Inode):
 class Leaf(Inode):
     """A file, symlink, device, fifo or socket inside a snapshot; ``pos`` is its index in the parent."""
 
-    __slots__ = ("node", "links", "hardlink", "content", "pos")
+    __slots__ = ("node", "links", "hardlink", "content", "pos", "opened", "stored")
 
     def __init__(
         self,
@@ -113,6 +113,8 @@ class Leaf(Inode):
         self.hardlink = hardlink
         self.content: FileContent | None = None
         self.pos = pos
+        self.opened = 0  # open file handles
+        self.stored = False  # its data was put into the kernel's page cache at open
 
 
 def node_attrs(attr: pyfuse3.EntryAttributes, node: Node) -> None:

@@ -1,9 +1,10 @@
 """Putting decrypted data into the kernel's page cache before the kernel asks for it (FUSE notify_store).
 
 Every read request costs a round trip through the kernel and pyfuse3, which costs more than the copy
-itself. When the mount has fetched data ahead of a reader (the next blobs of a file read sequentially,
-the small files after an opened one), it stores that data straight into the page cache of the file's
-inode, and the reader's ``read()`` is then answered by the kernel without a request.
+itself. When the mount has fetched data ahead of a reader (the next blobs of a file read sequentially),
+it stores that data straight into the page cache of the file's inode, and the reader's ``read()`` is
+then answered by the kernel without a request. (Small files are stored whole while their open is
+answered, in the trio thread: see ``VaultOperations._store_whole``.)
 
 ``notify_store`` may block until a read request for the same pages has been answered (the kernel locks
 the pages meanwhile), so it runs in a worker thread of its own, never in one that a pending read waits

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +35,7 @@ import trio
 import zstandard
 from cryptography.hazmat.primitives.ciphers import CipherContext
 
+from vaultfs.crypto import NATIVE, OVERHEAD
 from vaultfs.errors import FormatError, IntegrityError, VaultError
 from vaultfs.format import unpacked
 from vaultfs.format.pack import DATA, TYPE_NAMES
@@ -342,15 +344,36 @@ class BlobReader:
         )
 
     def _decode_sync(self, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
-        """Repository.decode_blob (tag, decryption, zstd, SHA-256), for large blobs in pieces.
+        """Repository.decode_blob (tag, decryption, zstd, SHA-256), by the cheapest way for its size.
 
-        decode_blob holds up to three whole-size buffers besides the stored bytes (decrypted, its
-        copy, decompressed); here the ciphertext is decrypted a piece at a time straight into zstd,
-        which writes into the one buffer that is kept. Each whole-size buffer of the worker threads
-        counted in the mount's peak memory, and every fresh page costs a fault.
+        Small blobs (the files of tar, cp -r) go through the C part in two GIL-free calls: most of
+        the cost of a small blob is Python, and the worker holding the GIL delays the trio thread,
+        which answers every request. Large blobs are decrypted in pieces straight into zstd, so that
+        besides the stored bytes only the kept plaintext is whole-size: each whole-size buffer of
+        the worker threads counts in the mount's peak memory, and every fresh page costs a fault.
         """
         if len(sealed) < STREAM_MIN:
+            if NATIVE:
+                return self._decode_small_sync(loc, sealed)
             return self.repo.decode_blob(loc, sealed)
+        return self._decode_large_sync(loc, sealed)
+
+    def _decode_small_sync(self, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
+        what = f"{TYPE_NAMES[loc.blob_type]} blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
+        opened = _scratch(len(sealed) - OVERHEAD)
+        try:
+            self.repo.key.open_into(opened, sealed, what)
+            if loc.uncompressed_length:
+                plain = unpacked.decompress(opened, loc.uncompressed_length, what)
+            else:
+                plain = bytes(opened)
+        finally:
+            opened.release()
+        if hashlib.sha256(plain).digest() != loc.blob_id:
+            raise IntegrityError(f"{what} is corrupt (content does not match its ID)")
+        return plain
+
+    def _decode_large_sync(self, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
         what = f"{TYPE_NAMES[loc.blob_type]} blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
         body, decryptor = self.repo.key.open_parts(sealed, what)
         if loc.uncompressed_length:
@@ -432,6 +455,17 @@ def _decompress_into(out: bytearray, source: _Decrypting, what: str) -> None:
             f"{what} decompressed to {'more than ' if extra else ''}{got} bytes, "
             f"expected {len(out)}"
         )
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> memoryview:
+    """This worker thread's buffer for one small blob's decrypted bytes (``size`` < STREAM_MIN)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(STREAM_MIN)
+    return memoryview(buf)[: max(size, 0)]
 
 
 def _call_with_blob(
