@@ -28,11 +28,13 @@ def test_same_bytes_as_hashlib(n: int, r: int, p: int, threads: int) -> None:
     assert crypto.scrypt_lanes(password, salt, n, r, p, threads) == expected
 
 
-def test_restic_parameters() -> None:
-    """N=2^15, r=8, p=4: what restic writes (the RFC's test vectors use other sizes)."""
+@pytest.mark.parametrize("p", [1, 4])
+def test_restic_parameters(p: int) -> None:
+    """N=2^15, r=8 and p=4 as restic writes, p=1 as vaultfs writes (the RFC's vectors use other
+    sizes)."""
     salt = b"\x01" * 64
-    expected = hashlib.scrypt(b"pw", salt=salt, n=32768, r=8, p=4, dklen=64, maxmem=1 << 30)
-    assert crypto.scrypt(b"pw", salt, 32768, 8, 4) == crypto.MasterKey.from_bytes(expected)
+    expected = hashlib.scrypt(b"pw", salt=salt, n=32768, r=8, p=p, dklen=64, maxmem=1 << 30)
+    assert crypto.scrypt(b"pw", salt, 32768, 8, p) == crypto.MasterKey.from_bytes(expected)
 
 
 def test_rfc7914_vector() -> None:

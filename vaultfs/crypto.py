@@ -182,7 +182,8 @@ def scrypt(password: bytes, salt: bytes, n: int, r: int, p: int) -> MasterKey:
     """Derive the 64-byte user key of a key file (scrypt) and split it 32/16/16."""
     if n <= 1 or n & (n - 1) or r < 1 or p < 1 or r * p >= 1 << 30:
         raise FormatError(f"invalid scrypt parameters N={n} r={r} p={p}")
-    if p > 1 and 128 * r * n <= SCRYPT_LANE_LIMIT and _have_romix():
+    # The C ROMix also for p = 1 (vaultfs's own key files): about 20% less CPU than OpenSSL's.
+    if 128 * r * n <= SCRYPT_LANE_LIMIT and _have_romix():
         return MasterKey.from_bytes(scrypt_lanes(password, salt, n, r, p))
     maxmem = 128 * r * (n + p + 2) + (1 << 20)
     raw = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=64)

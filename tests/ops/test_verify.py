@@ -298,3 +298,21 @@ def test_cli_usage_errors(tmp_path, capsys):
         signal.signal(signal.SIGTERM, previous)
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 4 and all(e.startswith("vault: error: ") for e in errors)
+
+
+def test_verify_command_loads_no_crypto_numpy_or_zstd(tmp_path):
+    """`vault verify` needs no password, so start-up must not pay for the repository layer: the
+    heavy modules stay unloaded (in a fresh interpreter, as the command runs)."""
+    import subprocess
+    import sys
+
+    fake_vault(tmp_path / "v", packs=3)
+    probe = (
+        "import sys\n"
+        "from vaultfs.tools.main import main\n"
+        f"code = main(['verify', {str(tmp_path / 'v')!r}])\n"
+        "heavy = ('numpy', 'cryptography', 'zstandard', 'ssl', 'sqlite3', 'rich', 'ctypes')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert proc.stderr.strip().splitlines()[-1] == "0 []"

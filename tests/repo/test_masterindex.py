@@ -372,3 +372,18 @@ def test_memory_per_blob_stays_within_budget() -> None:
     # The arrays alone take 49 bytes per location: a smaller figure would mean nbytes() undercounts.
     assert 49 <= final <= 64
     assert worst <= 64
+
+
+def test_numpy_is_imported_by_the_first_index_not_by_the_module():
+    """Commands import this module before the key derivation; numpy must load only afterwards."""
+    import subprocess
+
+    probe = (
+        "import sys\n"
+        "from vaultfs.repo.masterindex import MasterIndex\n"
+        "before = 'numpy' in sys.modules\n"
+        "index = MasterIndex()\n"
+        "print(before, 'numpy' in sys.modules, len(index))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "0"]

@@ -42,11 +42,12 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from vaultfs.errors import FormatError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["BlobLocation", "MasterIndex", "DATA", "TREE"]
 
@@ -67,14 +68,43 @@ _LOCATION_FIELDS = [
     ("length", "<u4"),
     ("ulen", "<u4"),
 ]
-# One location with its full id: the pending tier's rows and the unit of every batch.
-_ENTRY = np.dtype([("id", "V32"), *_LOCATION_FIELDS])
-_ENTRY_SIZE = _ENTRY.itemsize  # 49
+# One location with its full id: the pending tier's rows and the unit of every batch (the numpy
+# record type _ENTRY is made with numpy, below).
 _ENTRY_STRUCT = struct.Struct("<32sB4I")
-# One location in the main tier: the id's first 8 bytes live in the separate key array.
-_ROW = np.dtype([("rest", "V24"), *_LOCATION_FIELDS])
-_ROW_SIZE = _ROW.itemsize  # 41
+_ENTRY_SIZE = _ENTRY_STRUCT.size  # 49
+# One location in the main tier: the id's first 8 bytes live in the separate key array (_ROW).
 _ROW_STRUCT = struct.Struct("<24sB4I")
+_ROW_SIZE = _ROW_STRUCT.size  # 41
+_ENTRY: np.dtype
+_ROW: np.dtype
+
+
+def _load_numpy() -> None:
+    """Import numpy and make the record types. Deferred to the first use (the first MasterIndex):
+    commands import this module before they open a vault, and numpy's ~15 MB would otherwise be
+    resident while the password's key derivation holds its 32 MiB, raising every command's peak."""
+    global np, _ENTRY, _ROW
+    import numpy
+
+    _ENTRY = numpy.dtype([("id", "V32"), *_LOCATION_FIELDS])
+    _ROW = numpy.dtype([("rest", "V24"), *_LOCATION_FIELDS])
+    if _ENTRY.itemsize != _ENTRY_SIZE or _ROW.itemsize != _ROW_SIZE:
+        raise AssertionError("numpy record types do not match the struct layouts")
+    np = numpy
+
+
+if not TYPE_CHECKING:
+
+    class _NumpyOnFirstUse:
+        """Stands for numpy until the first attribute is asked for; every use in this module starts
+        with ``np.<something>`` before it needs _ENTRY or _ROW (a MasterIndex makes its empty tier
+        with np.empty first), so both exist by then."""
+
+        def __getattr__(self, name: str) -> Any:
+            _load_numpy()
+            return getattr(np, name)
+
+    np = _NumpyOnFirstUse()
 # Byte widths inside a row: (id or rest) + type identify a (blob, type) group; the whole row
 # identifies a location.
 _KEY_SIZE = 8
