@@ -26,6 +26,10 @@ _TEMPORARY_ERRNOS = {errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT}
 _FALLOC_FL_KEEP_SIZE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 PREALLOCATE_FROM = 64 * 1024  # smaller files gain nothing worth a system call
+#: ``write`` hands the file system pieces of this size: one 16 MiB write() of a pack cost 2-4 times the
+#: system CPU of sixteen 1 MiB writes with writeback started after each (measured: 50 packs, 0.55-1.95
+#: against 0.21-0.27 s), and the final fsync then has little left to do.
+WRITE_PIECE = 1024 * 1024
 
 
 @functools.cache
@@ -207,7 +211,9 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
-        self._store(kind, name, (data,), memoryview(data).nbytes)
+        with memoryview(data) as whole, whole.cast("B") as view:
+            pieces = (view[at : at + WRITE_PIECE] for at in range(0, len(view), WRITE_PIECE))
+            self._store(kind, name, pieces, len(view))
 
     def write_stream(self, kind: str, name: str, source: Source, size: int) -> None:
         path = self.path(kind, name)
