@@ -56,6 +56,9 @@ LIVE_TIMEOUT = 1.0
 BLOCK_SIZE = 128 * 1024
 #: Reads this close to where the previous read of the same open file ended count as sequential.
 SEQUENTIAL_SLACK = 1024 * 1024
+#: A file read sequentially stops having read-ahead pushed into the page cache after this many reads
+#: that asked for data already queued for it (see read()).
+LATE_PUSHES = 3
 #: Files with more blobs than this get their offset table built in a worker thread.
 INLINE_BLOBS = 64
 PAGE = mmap.PAGESIZE
@@ -71,7 +74,7 @@ PREFETCHED_NODES = 50_000
 
 
 class _OpenFile:
-    __slots__ = ("leaf", "content", "path", "next_off", "high")
+    __slots__ = ("leaf", "content", "path", "next_off", "high", "pushed_to", "late")
 
     def __init__(self, leaf: Leaf, content: FileContent, path: Callable[[], str]) -> None:
         self.leaf = leaf
@@ -79,6 +82,8 @@ class _OpenFile:
         self.path = path  # computed only for error messages
         self.next_off = 0  # where the last read ended
         self.high = 0  # the end of the furthest read: pages below it were asked for already
+        self.pushed_to = 0  # the end of the furthest data queued for the page cache
+        self.late = 0  # reads that asked for data already queued (see read())
 
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -649,6 +654,7 @@ class VaultOperations(pyfuse3.Operations):
         body_end = end if end == size else end - end % PAGE
         if body_end > body:
             self.pusher.push(ino, body, memoryview(data)[body - start : body_end - start])
+            f.pushed_to = max(f.pushed_to, body_end)
 
     @_guarded
     async def read(  # type: ignore[override]  # pyfuse3 sends any buffer; a memoryview is zero-copy
@@ -662,8 +668,13 @@ class VaultOperations(pyfuse3.Operations):
         sequential = abs(off - f.next_off) <= SEQUENTIAL_SLACK
         f.next_off = off + size
         f.high = max(f.high, off + size)
+        if off < f.pushed_to:
+            # The kernel asks for data queued for its page cache: the reader keeps up with the
+            # decoding, so each push would arrive after the reply and only copy the data again.
+            f.late += 1
         try:
-            ahead = functools.partial(self._push_ahead, f) if self.pusher else None
+            push = self.pusher is not None and f.late < LATE_PUSHES
+            ahead = functools.partial(self._push_ahead, f) if push else None
             return await self.reader.read(f.content, off, size, f.path, sequential, ahead)
         except BlobUnreadable:
             raise pyfuse3.FUSEError(errno.EIO) from None

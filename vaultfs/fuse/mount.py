@@ -39,6 +39,9 @@ DEFAULT_CACHE_MIB = 8
 #: into 128 KiB requests; 1 MiB requests cost an eighth of the round trips through pyfuse3.
 READ_AHEAD_KB = 4096
 
+#: Blocks up to this size come from the heap (restic's largest chunk, 8 MiB, and its stored form).
+MALLOC_KEEP = 16 * MIB
+
 #: Allocations between collections of the youngest generation (Python's default is 700).
 GC_THRESHOLD = 20_000
 
@@ -193,9 +196,10 @@ def mount(
 
 
 def one_malloc_arena() -> None:
-    """Have glibc serve every thread from one arena (a no-op without glibc). ``mount`` calls it; a
-    program that starts threads before (the lock refresher of ``vault mount``) calls it first, since
-    threads that have allocated already keep their own arena and later threads share those.
+    """Have glibc serve every thread from one arena, and blob-sized blocks from the heap (a no-op
+    without glibc). ``mount`` calls it; a program that starts threads before (the lock refresher of
+    ``vault mount``) calls it first, since threads that have allocated already keep their own arena
+    and later threads share those.
 
     By default each worker thread gets an arena of its own, and each keeps the multi-MiB blocks that
     blob decoding passes through: measured on dd of a 320 MiB file, one arena cut the peak RSS from
@@ -208,6 +212,12 @@ def one_malloc_arena() -> None:
         return
     m_arena_max = -8  # from glibc's malloc.h
     mallopt(m_arena_max, 1)
+    # Blob-sized blocks (up to MALLOC_KEEP) from the heap, whose freed memory is kept for the next
+    # blob, instead of fresh mappings that fault in every page again: dd of a 320 MiB file took
+    # 38,000-44,000 page faults instead of 10,000, and about 5-10% more CPU, at the same peak RSS.
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, MALLOC_KEEP)
+    mallopt(m_trim_threshold, 2 * MALLOC_KEEP)
     # Measured: with the lock refresher's arena made before this call, the peak RSS of tar over
     # 20,000 files was 104 MB instead of 95 MB.
 
