@@ -29,7 +29,6 @@ skipped item as an "error" line, and the result as a final "summary" line.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import sys
 import threading
@@ -48,7 +47,7 @@ from vaultfs.ops.backup import (
     display_path,
 )
 from vaultfs.repo.repository import Repository
-from vaultfs.tools.common import Output, open_repository
+from vaultfs.tools.common import Output, open_repository, tune_malloc
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -173,13 +172,7 @@ def _tune_malloc() -> None:
     one arena and blocks of 512 KiB and more mapped and unmapped directly, freed memory goes back at
     once; the extra page faults did not measurably cost time. A no-op without glibc.
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
-    mallopt(m_arena_max, 1)
-    mallopt(m_mmap_threshold, 512 * 1024)
+    tune_malloc(512 * 1024)
 
 
 def run(args: argparse.Namespace, out: Output) -> int:

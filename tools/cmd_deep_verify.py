@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from vaultfs.backend import open_backend
 from vaultfs.errors import UsageError, VaultError
 from vaultfs.repo.repository import Repository
-from vaultfs.tools.common import Output, location, read_password, to_jsonable
+from vaultfs.tools.common import Output, location, read_password, to_jsonable, tune_malloc
 
 if TYPE_CHECKING:
     from vaultfs.ops.deepverify import DeepVerifyReport
@@ -138,6 +138,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
         subset = Subset.parse(args.read_data_subset)
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    # Pack reading's per-thread buffers otherwise leave ~40 MB of freed memory resident (--read-data
+    # on a 749 MB vault: peak 145 -> 106 MB, CPU unchanged).
+    tune_malloc()
     repo = open_vault(args)
     # deep-verify only reads, so it reads while the lock's second check waits: whatever it found is
     # thrown away if that check sees a conflict (confirm raises).
