@@ -7,8 +7,10 @@ holds them (``--work`` of an earlier run with ``--keep``), a vault and a restic 
 password) are made and the dataset is backed up into each (not timed here; bench/compare.py times it).
 
 Then, ``--repeat`` times, each of these runs against a fresh mount of the latest snapshot of each tool
-(mounted just before, so no cache of an earlier step helps; the repository files stay in the OS page
-cache for both):
+(mounted just before, so no cache of an earlier step helps). Just before each mount, every file of that
+tool's repository is read once, so both tools read their repository from the OS page cache: the kernel
+may drop file pages that were not used for a while (this machine's DAMON pages out what was idle for a
+minute), and a step that found its repository partly on disk measured the disk, not the tool.
 
 1. find     ``find src -ls`` over the ~20,000 small files (every entry is stat'ed)
 2. dd       ``dd if=media/disk.img of=/dev/null bs=1M`` (the 320 MiB file)
@@ -111,6 +113,15 @@ def _client(bench: Bench, mount: MountedTool, cmd: Sequence[str]) -> Measurement
     return Measurement(m.wall, m.cpu + mount.cpu() - before, mount.peak_rss_kb())
 
 
+def warm(repo: Path) -> None:
+    """Read every file of a repository once, so that it is in the OS page cache."""
+    for path in sorted(repo.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
 def _step(bench: Bench, command: Callable[[Path], list[str]]) -> tuple[Measurement, Measurement]:
     """Fresh mounts of both tools, the client command against each (alternating which goes first).
 
@@ -120,6 +131,7 @@ def _step(bench: Bench, command: Callable[[Path], list[str]]) -> tuple[Measureme
     results: dict[str, Measurement] = {}
     order = ("vault", "restic") if bench.round % 2 == 0 else ("restic", "vault")
     for tool in order:
+        warm(bench.vault_repo if tool == "vault" else bench.restic_repo)
         mount = MountedTool(bench, tool, extra if tool == "vault" else ())
         try:
             results[tool] = _client(bench, mount, command(mount.latest(bench.data)))
