@@ -337,6 +337,18 @@ class BucketServer:
             self.metrics.uploads -= 1  # last: "no uploads" must mean no temp files either
 
     async def _receive_into(self, request: Request, upload: Upload) -> None:
+        """Receive the body into ``upload``: pumped by worker threads that receive, hash and write
+        each piece in one go when the protocol allows it (plain TCP, Content-Length), else pipelined."""
+        if request.pumpable:
+            buffer = self.buffers.take()
+            try:
+                await request.pump(upload.write_one_sync, memoryview(buffer), self._thread)
+            finally:
+                self.buffers.give(buffer)  # every worker call has returned by now
+            return
+        await self._receive_pipelined(request, upload)
+
+    async def _receive_pipelined(self, request: Request, upload: Upload) -> None:
         """Receive the body into one buffer while a second task hashes and writes the previous one:
         the socket and the disk (and SHA-256, which releases the GIL) work at the same time. Three
         buffers of WRITE_BATCH circulate (one filling, one queued, one being written), so memory per

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from vaultfs.backend.local import TEMP_MARK, preallocate, start_writeback
 
+#: Uploads ask the kernel to start writing to disk after each this many bytes (start_writeback).
+WRITEBACK_STEP = 1 << 20
 OBJECT_KINDS = ("keys", "data", "index", "snapshots", "locks", "packindex")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
@@ -93,6 +95,7 @@ class Upload:
         self.folder = os.path.dirname(self.final)
         self.tmp = f"{self.final}{TEMP_MARK}{secrets.token_hex(8)}"
         self.size = 0
+        self._written_back = 0
         self.hash = hashlib.sha256()
         try:
             try:
@@ -110,16 +113,21 @@ class Upload:
             raise _oserror("reserve space for the upload", exc) from None
 
     def write_sync(self, pieces: list[bytes | memoryview]) -> None:
+        for piece in pieces:
+            self.write_one_sync(piece)
+
+    def write_one_sync(self, piece: bytes | memoryview) -> None:
+        """Hash and append one piece; writeback starts for each WRITEBACK_STEP written."""
+        self.hash.update(piece)
+        view = memoryview(piece)
         try:
-            for piece in pieces:
-                self.hash.update(piece)
-                view = memoryview(piece)
-                size = len(view)
-                while view:
-                    n = os.write(self.fd, view)
-                    view = view[n:]
-                start_writeback(self.fd, self.size, size)
-                self.size += size
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.size += len(piece)
+            if self.size - self._written_back >= WRITEBACK_STEP:
+                start_writeback(self.fd, self._written_back, self.size - self._written_back)
+                self._written_back = self.size
         except OSError as exc:
             raise _oserror("write upload", exc) from None
 

@@ -175,6 +175,25 @@ def test_requests_pipelined_behind_an_upload_body(server, split):
     assert httpx.get(f"{creds.url}data/{name}", auth=creds.auth).content == data
 
 
+def test_upload_body_with_pauses_is_received_whole(server):
+    """A body read by worker threads (Request.pump) that stops arriving for a while, shorter than
+    read_timeout (1 s), hands the wait back to the event loop and carries on; the connection then
+    serves the request pipelined behind the body."""
+    creds = server.bucket()
+    data = os.urandom(3 << 20)
+    name = hashlib.sha256(data).hexdigest()
+    with connect(server) as sock:
+        sock.sendall(
+            request_head("POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data)))
+        )
+        for i in range(0, len(data), 1 << 20):
+            sock.sendall(data[i : i + (1 << 20)])
+            time.sleep(0.3)
+        sock.sendall(request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=-4"))
+        assert read_responses(sock, 2) == [(200, b"ok\n"), (206, data[-4:])]
+    assert httpx.get(f"{creds.url}data/{name}", auth=creds.auth).content == data
+
+
 def test_early_answer_to_a_large_upload_is_read_not_reset(server):
     """403 for an existing object arrives while the client still sends 8 MiB it will not need."""
     creds = server.bucket()
