@@ -193,6 +193,7 @@ def mount(
         trio.run(_serve, ops, mnt, ready)
     finally:
         pyfuse3.close(unmount=True)
+        ops.reader.close()
 
 
 def one_malloc_arena() -> None:
