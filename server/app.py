@@ -27,7 +27,7 @@ import trio
 from vaultfs.server.auth import Authenticator
 from vaultfs.server.config import ServerConfig
 from vaultfs.server.metrics import Metrics, log_access
-from vaultfs.server.protocol import ClientGone, Producer, Request, Response
+from vaultfs.server.protocol import ClientGone, FileRange, Producer, Request, Response
 from vaultfs.server.proxy import AddressFilter, client_address
 from vaultfs.server.quota import Quotas
 from vaultfs.server.state import Bucket, BucketRegistry
@@ -254,6 +254,7 @@ class BucketServer:
                 self._producer(own, start, length),
                 length=length,
                 on_done=lambda: os.close(own),
+                file=FileRange(own, start, self._thread),
             )
         # Small answers: straight from the page cache when it holds them, else one worker hop.
         data = read_cached(fd, start, length)

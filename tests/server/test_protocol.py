@@ -194,6 +194,34 @@ def test_upload_body_with_pauses_is_received_whole(server):
     assert httpx.get(f"{creds.url}data/{name}", auth=creds.auth).content == data
 
 
+def test_large_download_to_a_slow_reader_then_keep_alive(server):
+    """A large range answer (sent with sendfile by worker threads) to a client that reads slowly
+    through a small receive buffer arrives whole, and the connection then serves the next request."""
+    creds = server.bucket()
+    data = os.urandom(6 << 20)
+    name = hashlib.sha256(data).hexdigest()
+    assert httpx.post(f"{creds.url}data/{name}", content=data, auth=creds.auth).status_code == 200
+    with connect(server) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.sendall(request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=3-"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(65536)
+        head, _, body = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 206")
+        pauses = 0
+        while len(body) < len(data) - 3:
+            if pauses < 3 and len(body) > pauses * (2 << 20):
+                time.sleep(0.3)  # shorter than read_timeout: the server waits
+                pauses += 1
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed in the middle of the body"
+            body += chunk
+        assert body == data[3:]
+        sock.sendall(request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=0-1"))
+        assert read_responses(sock, 1) == [(206, data[:2])]
+
+
 def test_early_answer_to_a_large_upload_is_read_not_reset(server):
     """403 for an existing object arrives while the client still sends 8 MiB it will not need."""
     creds = server.bucket()
