@@ -325,6 +325,8 @@ class HttpConnection:
         run_sync: Callable[..., Awaitable[Any]],
     ) -> None:
         """The rest of a Content-Length body into ``sink_sync`` (see ``Request.pump``)."""
+        fd = self.socket_fd
+        assert fd is not None
         if not self._raw_started:
             await self._start_raw()
         if self._spill and self._raw_left:
@@ -341,7 +343,7 @@ class HttpConnection:
                 raise ClientGone("the client closed the connection in the middle of a body")
             if self._raw_left:
                 with trio.move_on_after(self.read_timeout):
-                    await trio.lowlevel.wait_readable(self.socket_fd)
+                    await trio.lowlevel.wait_readable(fd)
                     continue
                 raise ClientGone("timed out waiting for the client")
 
@@ -585,6 +587,8 @@ class HttpConnection:
     async def _send_file(self, source: FileRange, length: int) -> int:
         """Send ``length`` bytes of ``source`` with sendfile(2) in worker threads; waits for a full
         socket go back to the event loop under ``read_timeout``. Raises ClientGone."""
+        sock = self.socket_fd
+        assert sock is not None
         offset, end = source.offset, source.offset + length
         while offset < end:
             offset, trouble = await source.run_sync(self._sendfile_sync, source.fd, offset, end)
@@ -592,7 +596,7 @@ class HttpConnection:
                 raise ClientGone(trouble)
             if offset < end:
                 with trio.move_on_after(self.read_timeout):
-                    await trio.lowlevel.wait_writable(self.socket_fd)
+                    await trio.lowlevel.wait_writable(sock)
                     continue
                 raise ClientGone("timed out sending to the client")
         # h11 counts a body's bytes against its Content-Length: account them without copying any.
