@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.helpers.restic import Restic
 from tests.tools.cli import one_line_error, vault
@@ -321,14 +322,18 @@ def test_check_blobs_names_each_kind_of_damage(native, monkeypatch):
     repo = type("R", (), {"key": key})()
     rnd = __import__("random").Random(7)
     plain = [rnd.randbytes(5000), b"abc" * 20000, rnd.randbytes(300), b"x" * 70000, b"y" * 9000]
+    plain += [b"u" * 30000, b"v" * 8000]
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(plain[5])
     sealed = [
         key.seal(plain[0]),  # intact, stored plain
         key.seal(unpacked.compress(plain[1])),  # intact, compressed
         key.seal(plain[2]),  # tag broken below
         key.seal(b"not zstd at all" * 10),  # says compressed, is not
         key.seal(unpacked.compress(b"z" * 9000)),  # decompresses, but to other content
+        key.seal(unsized),  # intact, a frame that does not state its size
+        key.seal(unpacked.compress(b"v" * 7000)),  # decompresses to fewer bytes than indexed
     ]
-    lengths = [0, len(plain[1]), 0, len(plain[3]), len(plain[4])]
+    lengths = [0, len(plain[1]), 0, len(plain[3]), len(plain[4]), len(plain[5]), len(plain[6])]
     data = bytearray()
     blobs = []
     for p, s, u in zip(plain, sealed, lengths, strict=True):
@@ -343,5 +348,14 @@ def test_check_blobs_names_each_kind_of_damage(native, monkeypatch):
         blobs[2].offset: "it fails authentication",
         blobs[3].offset: "it does not decompress",
         blobs[4].offset: "its content does not match its ID",
-        blobs[5].offset: "the pack ends before this blob",
+        blobs[5].offset: None,
+        blobs[6].offset: "it does not decompress",
+        blobs[7].offset: "the pack ends before this blob",
     }
+    # A part of the pack from some offset on, with the blobs' offsets as in the pack.
+    start = blobs[1].offset
+    part = {
+        b.offset: why
+        for b, why in deepverify.check_blobs(repo, b"p" * 32, data[start:], blobs[1:], start)
+    }
+    assert part == {off: why for off, why in got.items() if off >= start}

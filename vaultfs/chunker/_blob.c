@@ -51,6 +51,11 @@ typedef struct {
     unsigned (*zstd_is_error)(size_t code);
     const char *(*zstd_error_name)(size_t code);
     size_t (*zstd_bound)(size_t n);
+
+    /* Codec.check_blobs only: the plaintext hash (loaded lazily, see load_digest). */
+    int (*digest)(const void *data, size_t n, unsigned char *md, unsigned int *size,
+                  const void *type, void *engine);
+    const void *(*sha256)(void);
 } libs_t;
 
 static libs_t L;
@@ -111,6 +116,28 @@ load_libs(void)
     }
     libs_state = 1;
     return 1;
+}
+
+static int
+require_libs_quiet(void)
+{
+    return load_libs() == 1 ? 0 : -1;
+}
+
+/* EVP_Digest and EVP_sha256 for Codec.check_blobs; called with the GIL held. 0 or -1. */
+static int
+load_digest(void)
+{
+    if (require_libs_quiet() < 0)
+        return -1;
+    if (L.digest && L.sha256)
+        return 0;
+    void *crypto = dlopen("libcrypto.so.3", RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (SYM(crypto, digest, "EVP_Digest") || SYM(crypto, sha256, "EVP_sha256")) {
+        L.digest = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 static int
@@ -420,6 +447,145 @@ Codec_bound(CodecObject *Py_UNUSED(c), PyObject *arg)
     return PyLong_FromSize_t(L.zstd_bound((size_t)n));
 }
 
+
+/* One entry of Codec.check_blobs' table: offset, length, uncompressed length (0: not compressed),
+ * little-endian uint64 each, then the 32-byte blob ID. */
+#define ENTRY (3 * 8 + 32)
+
+enum { CHECK_OK, CHECK_AUTH, CHECK_SIZE, CHECK_RETRY, CHECK_HASH, CHECK_RANGE };
+
+static uint64_t
+le64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+PyDoc_STRVAR(check_blobs_doc,
+"check_blobs(key, data, table, opened, plain, /) -> bytes\n\
+\n\
+Check every blob that table lists inside data, in one call that releases the GIL: the tag, then\n\
+AES-256-CTR into opened, zstd (when compressed) into plain, and SHA-256 of the plaintext against the\n\
+ID. table holds one 56-byte entry per blob: offset, length, uncompressed length (0 when stored\n\
+uncompressed) as little-endian uint64, then the ID. opened needs the largest length - 32 bytes,\n\
+plain the largest uncompressed length. Returns one status byte per blob: 0 right, 1 fails\n\
+authentication, 2 decompresses to another size, 3 zstd refused the frame (judge it some other way),\n\
+4 hash differs from the ID, 5 outside data or too short to be sealed.");
+
+static PyObject *
+Codec_check_blobs(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer key, data, table, opened, plain;
+    PyObject *result = NULL;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "check_blobs(key, data, table, opened, plain) takes 5 arguments");
+        return NULL;
+    }
+    if (require_libs() < 0)
+        return NULL;
+    if (load_digest() < 0) {
+        PyErr_Format(PyExc_OSError, "native blob functions unavailable: %s", libs_error);
+        return NULL;
+    }
+    if (c->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Codec is in use by another thread");
+        return NULL;
+    }
+    if (c->dctx == NULL && (c->dctx = L.zstd_create_dctx()) == NULL)
+        return PyErr_NoMemory();
+    if (get_key(args[0], &key) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        goto fail_key;
+    if (PyObject_GetBuffer(args[2], &table, PyBUF_SIMPLE) < 0)
+        goto fail_data;
+    if (PyObject_GetBuffer(args[3], &opened, PyBUF_WRITABLE) < 0)
+        goto fail_table;
+    if (PyObject_GetBuffer(args[4], &plain, PyBUF_WRITABLE) < 0)
+        goto fail_opened;
+    if (table.len % ENTRY != 0) {
+        PyErr_SetString(PyExc_ValueError, "table must hold 56-byte entries");
+        goto done;
+    }
+    Py_ssize_t count = table.len / ENTRY;
+    result = PyBytes_FromStringAndSize(NULL, count);
+    if (result == NULL)
+        goto done;
+    unsigned char *status = (unsigned char *)PyBytes_AS_STRING(result);
+    int failed = 0;
+    c->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *k = key.buf, *d = data.buf, *t = table.buf;
+    unsigned char *o = opened.buf, *u = plain.buf;
+    size_t dlen = (size_t)data.len, olen = (size_t)opened.len, ulen_cap = (size_t)plain.len;
+    for (Py_ssize_t i = 0; i < count && !failed; i++, t += ENTRY) {
+        uint64_t off = le64(t), len = le64(t + 8), ulen = le64(t + 16);
+        const unsigned char *id = t + 24;
+        if (len < NONCE + TAG || off > dlen || len > dlen - off || len - NONCE - TAG > olen ||
+            ulen > ulen_cap) {
+            status[i] = CHECK_RANGE;
+            continue;
+        }
+        const unsigned char *s = d + off;
+        size_t n = (size_t)(len - NONCE - TAG);
+        unsigned char tag[TAG];
+        if (mac_tag(k, s, s + NONCE, n, tag) < 0) {
+            failed = 1;
+            break;
+        }
+        if (L.memcmp_ct(tag, s + NONCE + n, TAG) != 0) {
+            status[i] = CHECK_AUTH;
+            continue;
+        }
+        if (ctr_crypt(k, s, s + NONCE, o, n) < 0) {
+            failed = 1;
+            break;
+        }
+        const unsigned char *p = o;
+        size_t pn = n;
+        if (ulen) {
+            unsigned long long expected = L.zstd_content_size(o, n);
+            size_t r = L.zstd_decompress_dctx(c->dctx, u, (size_t)ulen, o, n);
+            if (L.zstd_is_error(r) || expected != (unsigned long long)r) {
+                status[i] = CHECK_RETRY;
+                continue;
+            }
+            if (r != ulen) {
+                status[i] = CHECK_SIZE;
+                continue;
+            }
+            p = u;
+            pn = r;
+        }
+        unsigned char md[32];
+        unsigned int mdlen = 0;
+        if (L.digest(p, pn, md, &mdlen, L.sha256(), NULL) != 1 || mdlen != 32) {
+            failed = 1;
+            break;
+        }
+        status[i] = memcmp(md, id, 32) == 0 ? CHECK_OK : CHECK_HASH;
+    }
+    Py_END_ALLOW_THREADS
+    c->busy = 0;
+    if (failed) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_OSError, "checking blobs failed inside libcrypto");
+    }
+done:
+    PyBuffer_Release(&plain);
+fail_opened:
+    PyBuffer_Release(&opened);
+fail_table:
+    PyBuffer_Release(&table);
+fail_data:
+    PyBuffer_Release(&data);
+fail_key:
+    PyBuffer_Release(&key);
+    return result;
+}
+
 static PyMethodDef Codec_methods[] = {
     {"compress_into", (PyCFunction)(void (*)(void))Codec_compress_into, METH_FASTCALL,
      "compress_into(out, data, /) -> int\n\nOne zstd frame (content size, no checksum) of data into "
@@ -427,6 +593,8 @@ static PyMethodDef Codec_methods[] = {
     {"decompress_into", (PyCFunction)(void (*)(void))Codec_decompress_into, METH_FASTCALL,
      "decompress_into(out, frame, /) -> int\n\nDecompress one zstd frame that states its content "
      "size into out; returns that size. ValueError on bad data. Releases the GIL."},
+    {"check_blobs", (PyCFunction)(void (*)(void))Codec_check_blobs, METH_FASTCALL,
+     check_blobs_doc},
     {"bound", (PyCFunction)Codec_bound, METH_O,
      "bound(size, /) -> int\n\nThe largest frame compress_into makes of size bytes."},
     {NULL, NULL, 0, NULL},

@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import json
 import os
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -575,13 +576,7 @@ class _Checker:
                     if n == 0:
                         break
                     got += n
-                moved = [
-                    PackedBlob(b.blob_type, b.offset - start, b.length, b.uncompressed_length, b.id)
-                    for b in group
-                ]
-                original = {id(m): b for m, b in zip(moved, group, strict=True)}
-                for m, why in check_blobs(self.repo, pack, view[:got], moved):
-                    results.append((original[id(m)], why))
+                results += check_blobs(self.repo, pack, view[:got], group, start)
                 i = j
         except OSError as exc:
             raise VaultError(f"cannot read data/{name[:2]}/{name}: {exc.strerror}") from None
@@ -1127,28 +1122,51 @@ def read_header(
 
 
 def check_blobs(
-    repo: Repository, pack: bytes, data: bytes | memoryview, blobs: list[PackedBlob]
+    repo: Repository,
+    pack: bytes,
+    data: bytes | memoryview,
+    blobs: list[PackedBlob],
+    base: int = 0,
 ) -> list[tuple[PackedBlob, str | None]]:
     """Decrypt, decompress and hash every blob of a whole pack ``data``: [(blob, None or why bad)].
+    With ``base``, ``data`` is the part of the pack from that offset on (the blobs' offsets stay
+    those in the pack).
 
     The same checks as Repository.decode_blob, without its per-blob costs: each blob is decrypted
     and decompressed into reused buffers (no allocation, GIL released) and only the hash of the
     plaintext is kept. Thread-safe."""
     view = memoryview(data)
-    size = len(view)
-    whole = [b for b in blobs if b.offset + b.length <= size and b.length >= SEAL_OVERHEAD]
+    end = base + len(view)
+    whole = [
+        b
+        for b in blobs
+        if b.offset >= base and b.offset + b.length <= end and b.length >= SEAL_OVERHEAD
+    ]
     results: list[tuple[PackedBlob, str | None]] = []
     if whole:
-        check = _check_native if NATIVE else _check_python
-        results = check(repo.key, view, whole)
+        if NATIVE:
+            results = _check_native(repo.key, view, whole, base)
+        elif base:
+            moved = [
+                PackedBlob(b.blob_type, b.offset - base, b.length, b.uncompressed_length, b.id)
+                for b in whole
+            ]
+            results = [
+                (b, why)
+                for b, (_, why) in zip(whole, _check_python(repo.key, view, moved), strict=True)
+            ]
+        else:
+            results = _check_python(repo.key, view, whole)
     if len(whole) < len(blobs):
         results += [
-            (b, "the pack ends before this blob") for b in blobs if b.offset + b.length > size
+            (b, "the pack ends before this blob")
+            for b in blobs
+            if b.offset < base or b.offset + b.length > end
         ]
         results += [
             (b, "it is too short to be encrypted")
             for b in blobs
-            if b.offset + b.length <= size and b.length < SEAL_OVERHEAD
+            if base <= b.offset and b.offset + b.length <= end and b.length < SEAL_OVERHEAD
         ]
     return results
 
@@ -1190,44 +1208,55 @@ def _check_python(
 
 
 def _check_native(
-    key: MasterKey, view: memoryview, whole: list[PackedBlob]
+    key: MasterKey, view: memoryview, whole: list[PackedBlob], base: int
 ) -> list[tuple[PackedBlob, str | None]]:
-    """check_blobs for blobs inside ``view`` with the C blob path: per blob one GIL-free call checks
-    the tag and decrypts, one decompresses, both into this thread's reused buffers."""
-    raw_key = key.raw
-    results: list[tuple[PackedBlob, str | None]] = []
+    """check_blobs for blobs inside ``view`` with the C blob path: one GIL-free call checks the tag,
+    decrypts, decompresses and hashes every blob (into this thread's reused buffers), so reading
+    threads take the GIL once per call rather than several times per blob."""
     opened_buf = _plain_buffer(max(b.length for b in whole))
     plain_buf = _unpacked_buffer(max(b.uncompressed_length for b in whole))
-    codec = _codec()
-    sha256 = hashlib.sha256
-    for b in whole:
-        n = b.length - SEAL_OVERHEAD
-        opened = opened_buf[:n]
-        if not _blob.open_into(raw_key, opened, view[b.offset : b.offset + b.length]):
-            results.append((b, "it fails authentication"))
-            continue
-        plain: bytes | memoryview = opened
-        size = b.uncompressed_length
-        if size:
-            plain = plain_buf[:size]
-            try:
-                got = codec.decompress_into(plain, opened)
-            except ValueError:
-                # e.g. a frame that does not state its size: the streaming decoder judges it
-                try:
-                    plain = _decompressor().decompress(opened, max_output_size=size)
-                except zstandard.ZstdError:
-                    results.append((b, "it does not decompress"))
-                    continue
-                got = len(plain)
-            if got != size:
-                results.append((b, "it does not decompress"))
-                continue
-        if sha256(plain).digest() != b.id:
-            results.append((b, "its content does not match its ID"))
-            continue
-        results.append((b, None))
+    pack = _ENTRY.pack
+    table = b"".join([pack(b.offset - base, b.length, b.uncompressed_length) + b.id for b in whole])
+    status = _codec().check_blobs(key.raw, view, table, opened_buf, plain_buf)
+    results: list[tuple[PackedBlob, str | None]] = []
+    for b, code in zip(whole, status, strict=True):
+        if code == 3:
+            results.append((b, _check_unsized(key, view[b.offset - base :], b)))
+        else:
+            results.append((b, _VERDICTS[code]))
     return results
+
+
+#: Codec.check_blobs' table entry (offset, length, uncompressed length; the ID follows) and the
+#: meaning of its status bytes (3, a frame zstd's one-shot call refuses, is judged again in Python).
+_ENTRY = struct.Struct("<QQQ")
+_VERDICTS: tuple[str | None, ...] = (
+    None,
+    "it fails authentication",
+    "it does not decompress",
+    None,
+    "its content does not match its ID",
+    "it is too short to be encrypted",
+)
+
+
+def _check_unsized(key: MasterKey, view: memoryview, b: PackedBlob) -> str | None:
+    """The verdict on blob ``b`` (at the start of ``view``) whose zstd frame the one-shot decoder
+    refused (e.g. one that does not state its size): the streaming decoder judges it."""
+    n = b.length - SEAL_OVERHEAD
+    opened = _plain_buffer(n)[:n]
+    if not _blob.open_into(key.raw, opened, view[: b.length]):
+        return "it fails authentication"
+    size = b.uncompressed_length
+    try:
+        plain = _decompressor().decompress(opened, max_output_size=size)
+    except zstandard.ZstdError:
+        return "it does not decompress"
+    if len(plain) != size:
+        return "it does not decompress"
+    if hashlib.sha256(plain).digest() != b.id:
+        return "its content does not match its ID"
+    return None
 
 
 _scratch = threading.local()
