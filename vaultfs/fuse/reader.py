@@ -349,6 +349,14 @@ class BlobReader:
                 )
             except VaultError:
                 raw = None
+            if raw is not None and len(run) == 1 and NATIVE and len(raw) >= STREAM_MIN:
+                loc, box = run[0], [raw]
+                del raw  # the box holds the only reference: freed once decrypted
+                try:
+                    out[loc.blob_id] = self._decode_owned_sync(loc, box)
+                except VaultError:
+                    out[loc.blob_id] = self._load_one_sync(loc.blob_id)
+                continue
             view = memoryview(raw) if raw is not None else None
             for loc in run:
                 if view is not None:
@@ -384,6 +392,7 @@ class BlobReader:
         which answers every request. Large blobs are decrypted in pieces straight into zstd, so that
         besides the stored bytes only the kept plaintext is whole-size: each whole-size buffer of
         the worker threads counts in the mount's peak memory, and every fresh page costs a fault.
+        (A large blob read on its own, the usual case, goes through ``_decode_owned_sync`` instead.)
         """
         if len(sealed) < STREAM_MIN:
             if NATIVE:
@@ -416,6 +425,30 @@ class BlobReader:
             plain = bytearray(len(body) + 15)  # update_into wants room for one more block
             decryptor.update_into(body, plain)
             del plain[len(body) :]
+        if hashlib.sha256(plain).digest() != loc.blob_id:
+            raise IntegrityError(f"{what} is corrupt (content does not match its ID)")
+        return plain  # type: ignore[return-value]  # never changed after this: used as bytes
+
+    def _decode_owned_sync(self, loc: BlobLocation, box: list[bytes]) -> bytes:
+        """A large blob whose stored bytes ``box`` holds (and nothing else): decrypted whole in one
+        GIL-free C call, the stored bytes freed, then decompressed in one GIL-free call.
+
+        At most two blob-sized buffers are alive at a time (stored + decrypted, then decrypted +
+        plaintext), where decoding in pieces kept three (stored, plaintext and zstd's window, which
+        each thread's decompressor also kept between blobs); and cryptography's tag check and
+        AES-CTR, which hold the GIL, no longer stop the other decoding thread and the trio thread.
+        """
+        what = f"{TYPE_NAMES[loc.blob_type]} blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
+        sealed = box.pop()
+        if len(sealed) < OVERHEAD:
+            raise FormatError(f"{what} is too short to be encrypted data ({len(sealed)} bytes)")
+        opened = bytearray(len(sealed) - OVERHEAD)
+        self.repo.key.open_into(opened, sealed, what)
+        del sealed
+        plain: bytes | bytearray = opened
+        if loc.uncompressed_length:
+            plain = unpacked.decompress(opened, loc.uncompressed_length, what)
+            del opened
         if hashlib.sha256(plain).digest() != loc.blob_id:
             raise IntegrityError(f"{what} is corrupt (content does not match its ID)")
         return plain  # type: ignore[return-value]  # never changed after this: used as bytes
