@@ -6,7 +6,7 @@ STAMP := .venv/.installed
 
 bootstrap: $(STAMP)
 
-$(STAMP): setup.cfg setup.py pyproject.toml $(wildcard vaultfs/*.c vaultfs/chunker/*.c)
+$(STAMP): setup.cfg setup.py pyproject.toml $(shell find vaultfs -name "*.c")
 	bash .ci/bootstrap.sh
 	touch $(STAMP)
 
@@ -24,4 +24,5 @@ man: $(STAMP)
 	$(PY) -m vaultfs.tools.manpages man
 
 clean:
-	rm -rf .venv build *.egg-info vaultfs/*.so vaultfs/chunker/*.so
+	rm -rf .venv build *.egg-info
+	find vaultfs -name "*.so" -delete
