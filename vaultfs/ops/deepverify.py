@@ -49,7 +49,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zstandard
@@ -261,6 +261,9 @@ class _Checker:
         self.trees: dict[bytes, _Tree | str] = {}
         self.snapshots: list[tuple[str, Snapshot]] = []
         self._local = threading.local()
+        # Reads started before the targets are known (start_early_reads).
+        self._pool: ThreadPoolExecutor | None = None
+        self._early: dict[bytes, Future] = {}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -540,7 +543,7 @@ class _Checker:
             buf = self._local.buf = bytearray(max(size, READ_PIECE))
         return memoryview(buf)[:size]
 
-    def _read_in_pieces(self, pack: bytes) -> tuple[bool, list, int] | None:
+    def _read_in_pieces(self, pack: bytes, advance: bool = True) -> tuple[bool, list, int] | None:
         """``_read_pack`` for a local pack whose header reads right: the blobs are read and checked
         READ_PIECE bytes at a time (a blob larger than that in one piece), so a worker holds a few
         MiB instead of a whole pack. None when the header does not read right: the whole-file path
@@ -582,7 +585,8 @@ class _Checker:
             raise VaultError(f"cannot read data/{name[:2]}/{name}: {exc.strerror}") from None
         finally:
             os.close(fd)
-        self.advance(size)
+        if advance:
+            self.advance(size)
         return True, results, size
 
     def _read_whole(self, pack: bytes) -> memoryview:
@@ -615,7 +619,7 @@ class _Checker:
         without the password. Skipping it saves a sixth of the CPU time of --read-data.
         """
         name = pack.hex()
-        suspect = pack in self.extra_packs or pack in self.bad_packs
+        suspect = self._suspect(pack)
         if self.local and not suspect:
             done = self._read_in_pieces(pack)
             if done is not None:
@@ -657,8 +661,30 @@ class _Checker:
         if not packs:
             return
         self.stage("reading packs", sum(self.present[p] for p in packs), "bytes")
-        with ThreadPoolExecutor(max_workers=self.cpu_workers) as pool:
-            for pack, outcome in zip(packs, pool.map(self._read_one, packs), strict=True):
+        early, self._early = self._early, {}
+        pool, self._pool = self._pool, None
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=self.cpu_workers)
+        with pool:
+            futures: dict[bytes, tuple[Future, bool]] = {}
+            for pack in packs:
+                done = early.pop(pack, None)
+                if done is not None and not self._suspect(pack):
+                    futures[pack] = (done, True)
+                else:
+                    futures[pack] = (pool.submit(self._read_one, pack), False)
+                    if done is not None:
+                        done.cancel()
+            for done in early.values():
+                done.cancel()
+            for pack in packs:
+                future, was_early = futures.pop(pack)
+                outcome = future.result()
+                if was_early:
+                    if outcome is None:  # the header did not read right: the whole-file path
+                        outcome = self._read_one(pack)
+                    elif not isinstance(outcome, VaultError):
+                        self.advance(outcome[2])
                 if isinstance(outcome, ObjectNotFound):
                     continue
                 path = object_path("data", pack.hex())
@@ -701,6 +727,46 @@ class _Checker:
                         "pack-damaged",
                         f"{path} is damaged: {'; '.join(self.bad_packs[pack])}",
                     )
+
+    def _suspect(self, pack: bytes) -> bool:
+        """Whether a pack is read whole and hashed rather than checked blob by blob."""
+        return pack in self.extra_packs or pack in self.bad_packs
+
+    def start_early_reads(self) -> None:
+        """Start checking the blobs of a local vault's packs as soon as the key is known, while the
+        index, the headers and the snapshots load (those are mostly Python and I/O waits; this is
+        C without the GIL). read_packs takes the results of packs that are still targets and not
+        suspect by then; the others are read again or dropped."""
+        if not (self.read_data and self.local):
+            return
+        packs = []
+        for name, _size in sorted(self.listing("data")):
+            try:
+                pack = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if len(pack) != 32 or name != pack.hex() or pack in self.extra_packs:
+                continue
+            if self.subset is None or self.subset.selects(name):
+                packs.append(pack)
+        if packs:
+            self._pool = pool = ThreadPoolExecutor(max_workers=self.cpu_workers)
+            self._early = {p: pool.submit(self._early_one, p) for p in packs}
+
+    def stop_early_reads(self) -> None:
+        """Drop early reads nobody took (when checking ended before reading packs)."""
+        pool, self._pool = self._pool, None
+        early, self._early = self._early, {}
+        for done in early.values():
+            done.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _early_one(self, pack: bytes) -> tuple[bool, list, int] | VaultError | None:
+        try:
+            return self._read_in_pieces(pack, advance=False)
+        except VaultError as exc:
+            return exc
 
     def _read_one(self, pack: bytes) -> tuple[bool, list, int] | VaultError:
         try:
@@ -1065,11 +1131,15 @@ class _Checker:
             "" if not self.read_data else str(self.subset) if self.subset else "all"
         )
         self.check_keys()
-        self.load_index()
-        self.list_packs()
-        self.check_headers()
-        self.load_snapshots()
-        self.read_and_walk()
+        self.start_early_reads()
+        try:
+            self.load_index()
+            self.list_packs()
+            self.check_headers()
+            self.load_snapshots()
+            self.read_and_walk()
+        finally:
+            self.stop_early_reads()
         self.classify()
         self.check_packindex()
         self.unused()
