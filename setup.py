@@ -20,5 +20,10 @@ setup(
             sources=["vaultfs/chunker/_blob.c"],
             extra_compile_args=["-O2", "-std=c99", "-Wall"],
         ),
+        Extension(
+            "vaultfs.ops._newfile",
+            sources=["vaultfs/ops/_newfile.c"],
+            extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
+        ),
     ],
 )
