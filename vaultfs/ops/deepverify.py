@@ -237,7 +237,10 @@ class _Checker:
         use_cache = (not self.local) if cache is None else cache
         self.cache = VaultCache(repo.id) if use_cache else None
         self.io_workers = workers or 8
-        self.cpu_workers = workers or (os.cpu_count() or 1) + 1
+        # Local packs: one reading thread per core (each piece is one GIL-free call, the reads rarely
+        # wait, so a spare thread only adds switches); remote ones: one more to cover the waits.
+        cores = os.cpu_count() or 1
+        self.cpu_workers = workers or (cores if self.local else cores + 1)
         self._on_stage = on_stage
         self._on_advance = on_advance
         self.report = DeepVerifyReport()
