@@ -297,10 +297,13 @@ class BucketServer:
         return produce
 
     async def _upload(self, request: Request, bucket: Bucket, kind: str, name: str) -> Response:
-        if await self._thread(self.storage.stat_sync, bucket.name, kind, name) is not None:
-            return text(403, "forbidden: the object exists already")
         length = request.content_length
         quota = bucket.quota
+        # Without a quota the existence check is part of begin_upload_sync (one thread call less).
+        if quota > 0 and (
+            await self._thread(self.storage.stat_sync, bucket.name, kind, name) is not None
+        ):
+            return text(403, "forbidden: the object exists already")
         if quota > 0 and length is None:
             return text(411, "length required: the bucket has a quota")
         size = length or 0
@@ -310,18 +313,22 @@ class BucketServer:
         committed = False
         self.metrics.uploads += 1
         try:
-            upload = await self._thread(
-                self.storage.begin_upload_sync, bucket.name, kind, name, size
-            )
+            try:
+                upload = await self._thread(
+                    self.storage.begin_upload_sync, bucket.name, kind, name, size
+                )
+            except ObjectExists:
+                return text(403, "forbidden: the object exists already")
             await self._receive_into(request, upload)
             if self.config.verify_uploads and kind != "config" and upload.hash.hexdigest() != name:
                 return text(400, "bad request: the SHA-256 of the body is not the object's name")
-            await self._thread(upload.finish_sync)
             key = (bucket.name, kind, name)
             lock = self._commit_locks.setdefault(key, trio.Lock())
             try:
                 async with lock:
-                    await self._thread(self.storage.commit_sync, bucket.name, kind, name, upload)
+                    await self._thread(
+                        self.storage.finish_commit_sync, bucket.name, kind, name, upload
+                    )
             except ObjectExists:
                 return text(403, "forbidden: the object exists already")
             finally:

@@ -393,8 +393,18 @@ class Storage:
         return best
 
     def begin_upload_sync(self, bucket: str, kind: str, name: str, size: int) -> Upload:
+        """A new upload; ObjectExists if some volume holds the object already (an early answer
+        only: the commit checks again)."""
+        if self.stat_sync(bucket, kind, name) is not None:
+            raise ObjectExists(object_path(kind, name))
         volume = self.pick_volume_sync(size)
         return Upload(os.path.join(volume, bucket), kind, name, size)
+
+    def finish_commit_sync(self, bucket: str, kind: str, name: str, upload: Upload) -> None:
+        """``upload.finish_sync`` then ``commit_sync`` in one worker-thread call (one hand-off less
+        between the last body byte and the response); the caller holds the commit lock."""
+        upload.finish_sync()
+        self.commit_sync(bucket, kind, name, upload)
 
     def commit_sync(self, bucket: str, kind: str, name: str, upload: Upload) -> None:
         """Make a finished upload visible under its name unless some volume has that name already.
