@@ -318,6 +318,9 @@ class _Restorer:
         self.plan_bytes = 0
         self.plan_blobs = 0
         self.links: dict[tuple[int, int], bytes] = {}
+        # inodes whose first name a worker creates, and the further names to link to them after the content
+        self.worker_links: set[tuple[int, int]] = set()
+        self.later_links: list[tuple[bytes, bytes, str]] = []
         self.dirs_done: list[tuple[bytes, str, Node]] = []
         self.total_bytes = 0
         self.done_bytes = 0
@@ -567,9 +570,10 @@ class _Restorer:
         key = (node.inode, node.device_id)
         first = self.links.get(key) if linked else None
         if first is not None:
-            if self.create_entry(path, location, lambda: os.link(first, path)):
-                self.count("hardlinks")
-                self.count("files")
+            if key in self.worker_links and not self.dry_run:
+                self.later_links.append((first, path, location))
+            else:
+                self.make_link(first, path, location)
             return
         chunks: list[tuple[BlobLocation, int]] = []
         offset = 0
@@ -586,8 +590,10 @@ class _Restorer:
             offset += _plain_size(loc)
         # A single-chunk file is created by the worker that writes it: one open, no path lookups for the
         # metadata, and the creation work runs in parallel. Others are created here, so a hardlink can
-        # point at them at once and every chunk writer finds them.
-        by_worker = len(chunks) == 1 and not linked and not self.dry_run
+        # point at them at once and every chunk writer finds them. (A hardlinked single-chunk file is
+        # created by its worker too, and its further names linked once the content is written: most
+        # files with links > 1 have their other names outside the snapshot.)
+        by_worker = len(chunks) == 1 and not self.dry_run
         if not by_worker:
             if self.dry_run:
                 if not self.check_free(path, location):
@@ -600,6 +606,9 @@ class _Restorer:
             self.count("files")
             if linked:
                 self.links[key] = path
+        elif linked:
+            self.links[key] = path
+            self.worker_links.add(key)
         if self.dry_run:
             self.total_bytes += offset
             return
@@ -847,6 +856,16 @@ class _Restorer:
                 self.progress(self.done_bytes, self.total_bytes)
             return file.pending == 0
 
+    def link_later(self) -> None:
+        """The further names of hardlinked files that workers created (before the folders' metadata)."""
+        for first, path, location in self.later_links:
+            self.make_link(first, path, location)
+
+    def make_link(self, first: bytes, path: bytes, location: str) -> None:
+        if self.create_entry(path, location, lambda: os.link(first, path)):
+            self.count("hardlinks")
+            self.count("files")
+
     def finish_dirs(self) -> None:
         # dirs_done is in post-order (children before their folder): bottom-up as required.
         for path, location, node in self.dirs_done:
@@ -950,6 +969,7 @@ def restore(
         restorer.walk(os.fsencode(target_s), nodes)
         restorer.flush()
         restorer.drain()
+        restorer.link_later()
         restorer.finish_dirs()
     except _Fatal as exc:
         raise VaultError(str(exc)) from None
