@@ -106,19 +106,18 @@ def run(args: argparse.Namespace, out: Output) -> int:
     options = prune_options(args)
     repo = open_vault(args)
     # Prune reads and plans while the lock's second check runs, and confirms it before writing.
-    lock = repo.locks.acquire_unconfirmed(exclusive=not args.dry_run)
-    try:
-        with StagedProgress(out) as bar:
-            report = prune(
-                repo,
-                dry_run=args.dry_run,
-                on_stage=bar.stage,
-                on_advance=bar.advance,
-                confirm_lock=lock.confirm,
-                **options,
-            )
-    finally:
-        lock.release()
+    with (
+        repo.locks.acquire_unconfirmed(exclusive=not args.dry_run) as lock,
+        StagedProgress(out) as bar,
+    ):
+        report = prune(
+            repo,
+            dry_run=args.dry_run,
+            on_stage=bar.stage,
+            on_advance=bar.advance,
+            confirm_lock=lock.confirm,
+            **options,
+        )
     if out.json:
         out.emit(prune_json(report))
     else:
