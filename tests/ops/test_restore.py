@@ -398,6 +398,40 @@ def test_many_files_across_batches_and_ranges(tmp_path, monkeypatch):
         assert (tmp_path / "out" / "d" / name).read_bytes() == b"".join(pieces)
 
 
+def test_the_walk_keeps_no_tree_after_its_folder(tmp_path):
+    # Every folder's nodes would otherwise stay in the repository's tree cache until the end.
+    b = VaultBuilder(tmp_path / "vault")
+    folders = [b.dir(f"d{i}", [b.dir("inner", [b.file("f", [b"x%d" % i])])]) for i in range(5)]
+    snap_id = b.snapshot(folders)
+    repo = _reopen(b.repo)
+    report = restore(repo, snap_id, tmp_path / "out")
+    assert report.ok and report.files == 5 and report.dirs == 10
+    assert len(repo._tree_cache) <= 1  # the snapshot's root at most
+
+
+def test_blobs_sharing_stored_bytes_are_decoded_apart(tmp_path):
+    # A damaged index can place a second blob ID on the stored bytes of another blob. Blobs are
+    # decrypted in place in the read buffer; the bogus one must not destroy the real one's bytes.
+    b = VaultBuilder(tmp_path / "vault")
+    real = os.urandom(30_000)
+    node = b.file("real", [real])
+    b.repo.flush()
+    loc = b.repo.index.lookup(node.content[0], DATA)
+    bogus = b"\x02" * 32
+    b.repo.index.add_pack(
+        loc.pack_id, [(bogus, DATA, loc.offset, loc.length, loc.uncompressed_length)]
+    )
+    # "a-bogus" comes first in the walk, so its blob is decoded first
+    tree = [
+        Node(name="a-bogus", type="file", mode=0o644, size=len(real), content=[bogus], **b.times()),
+        node,
+    ]
+    snap_id = b.snapshot(tree)
+    report = restore(b.repo, snap_id, tmp_path / "out", workers=1)
+    assert [p.path for p in report.errors] == ["/a-bogus"]
+    assert (tmp_path / "out" / "real").read_bytes() == real
+
+
 def _tree_state(root: Path) -> dict[str, tuple]:
     state = {}
     for dirpath, dirnames, filenames in os.walk(root):

@@ -7,9 +7,11 @@ Two phases:
    is created empty. Each data blob a file needs is planned as (file, offset): the offset of a chunk is the
    sum of the plaintext sizes of the chunks before it, which the index knows without reading anything.
 2. **Content** (worker threads): the planned blobs are grouped by pack, blobs of one pack that lie close
-   together are read with one range read, each blob is decrypted, decompressed and checked against its ID
-   (``Repository.decode_blob``) from a memoryview slice and written with ``os.pwrite`` at its offsets. At most
-   a few ranges (a few MiB each) are in flight, so memory stays bounded whatever the file sizes. A file's
+   together are read with one range read (from a local vault into the worker's own buffer), each blob is
+   decrypted (in place when it can), decompressed and checked against its ID (``Repository.decode_blob``)
+   and written with ``os.pwrite`` at its offsets. Each worker reuses its read and decode buffers, and at
+   most a few ranges (a few MiB each) are in flight, so memory stays bounded whatever the file sizes. Trees
+   are read without the repository's tree cache: a folder's nodes are dropped once it is walked. A file's
    metadata is applied by the worker that writes its last chunk. AES, zstd, SHA-256 and file I/O release
    the GIL, so the workers use both cores.
 
@@ -47,12 +49,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from vaultfs.crypto import NATIVE, OVERHEAD
+from vaultfs.backend import LocalBackend
+from vaultfs.crypto import NATIVE, NONCE_SIZE, OVERHEAD
 from vaultfs.errors import FormatError, IntegrityError, NotFoundError, UsageError, VaultError
 from vaultfs.format import unpacked
-from vaultfs.format.pack import DATA
+from vaultfs.format.pack import DATA, TREE
 from vaultfs.format.tree import (
     Node,
+    decode_tree,
     display_path,
     fs_bytes,
 )
@@ -73,6 +77,8 @@ MERGE_GAP = 256 * 1024
 #: Largest range read of several blobs (a single larger blob is still read in one piece). With at most
 #: workers + 2 ranges in flight this bounds the memory for content (read plus decoded) to a few dozen MiB.
 MAX_RANGE = 4 * 1024 * 1024
+#: Decoded bytes a worker's buffers keep resident between blobs (chunks average 1 MiB).
+KEEP_DECODED = 2 * 1024 * 1024
 #: Worker threads for reading, decoding and writing.
 DEFAULT_WORKERS = 4
 #: The walk hands its planned blobs to the workers whenever this much content (or this many blobs) is
@@ -266,16 +272,17 @@ def _plain_size(loc: BlobLocation) -> int:
     return loc.uncompressed_length or loc.length - 32
 
 
-class _DecodeBuffer:
-    """A worker's reusable buffer for decoded blobs: an anonymous mapping whose pages stay resident from
-    blob to blob (no allocation, no page faults per blob), except past ``KEEP`` bytes, which a rare long
-    blob makes resident and ``trim`` gives back. Blobs larger than the mapping get a buffer of their own."""
+class _Buffer:
+    """A worker's reusable buffer (pack ranges it reads, blobs it decodes): a private anonymous mapping
+    whose pages stay resident from use to use (no allocation, no page faults each time), except past
+    ``keep`` bytes, which a rare long blob makes resident and ``trim`` gives back. Requests larger than
+    the mapping get a buffer of their own."""
 
-    KEEP = 2 * 1024 * 1024
     SIZE = 9 * 1024 * 1024  # the largest chunk (8 MiB) and zstd's worst case for it
 
-    def __init__(self) -> None:
-        self.map = mmap.mmap(-1, self.SIZE)
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.map = mmap.mmap(-1, self.SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.reached = 0
 
     def view(self, size: int) -> memoryview:
@@ -285,8 +292,8 @@ class _DecodeBuffer:
         return memoryview(self.map)[:size]
 
     def trim(self) -> None:
-        if self.reached > self.KEEP:
-            self.map.madvise(mmap.MADV_DONTNEED, self.KEEP, self.SIZE - self.KEEP)
+        if self.reached > self.keep:
+            self.map.madvise(mmap.MADV_DONTNEED, self.keep, self.SIZE - self.keep)
         self.reached = 0
 
 
@@ -330,7 +337,9 @@ class _Restorer:
         self.running: set[Future[None]] = set()
         self.tree_pool: ThreadPoolExecutor | None = None
         self.trees_ahead: dict[bytes, Future[list[Node]]] = {}
-        self.local = threading.local()  # per worker: decode buffers and zstd context
+        self.local = threading.local()  # per worker: read and decode buffers, zstd context
+        inner = getattr(repo.backend, "inner", repo.backend)
+        self.pack_path = inner.path if isinstance(inner, LocalBackend) else None
 
     # -- problems ---------------------------------------------------------------------------------
 
@@ -422,7 +431,7 @@ class _Restorer:
                 frame.restored_child = True
             return
         try:
-            children = ahead.result() if ahead is not None else self.repo.load_tree(node.subtree)
+            children = ahead.result() if ahead is not None else self.load_tree(node.subtree)
         except VaultError as exc:
             self.error(location, f"cannot read the folder's tree: {exc}")
             children = []
@@ -442,7 +451,13 @@ class _Restorer:
                 continue
             if self.tree_pool is None:
                 self.tree_pool = ThreadPoolExecutor(1, thread_name_prefix="vault-trees")
-            self.trees_ahead[tree_id] = self.tree_pool.submit(self.repo.load_tree, tree_id)
+            self.trees_ahead[tree_id] = self.tree_pool.submit(self.load_tree, tree_id)
+
+    def load_tree(self, tree_id: bytes) -> list[Node]:
+        """A folder's nodes, not kept in the repository's tree cache: the walk reads each tree once and
+        drops it when the folder is done, while the cache would keep every node of the snapshot (20,000
+        files: ~25 MB) until the end."""
+        return decode_tree(self.repo.load_blob(TREE, tree_id), f"tree {tree_id.hex()}")
 
     def ensure_ready(self, frame: _Frame) -> bool:
         """Create a folder that was only entered (not itself selected) once something inside is restored."""
@@ -699,20 +714,26 @@ class _Restorer:
         view: memoryview | None = None
         read_error: VaultError | None = None
         try:
-            view = memoryview(self.repo.backend.read("data", pack_id.hex(), start, end - start))
+            view = self.read_range(pack_id, start, end - start)
         except VaultError as exc:
             read_error = exc
-        for blob in blobs:
+        covered = start  # the end of the blobs before this one
+        for i, blob in enumerate(blobs):
             if self.abort.is_set():
                 return
             loc = blob.loc
             plain: bytes | memoryview | None = None
             problem = read_error
             if view is not None:
+                # In place only when no other blob of the range shares these bytes (a damaged index
+                # could say so): the decrypted blob replaces its stored bytes in the buffer.
+                b_end = loc.offset + loc.length
+                alone = loc.offset >= covered and (
+                    i + 1 == len(blobs) or b_end <= blobs[i + 1].loc.offset
+                )
+                covered = max(covered, b_end)
                 try:
-                    plain = self.decode(
-                        loc, view[loc.offset - start : loc.offset - start + loc.length]
-                    )
+                    plain = self.decode(loc, view[loc.offset - start : b_end - start], alone)
                 except VaultError as exc:
                     problem = exc
             if plain is None:
@@ -726,29 +747,75 @@ class _Restorer:
             for file, off in blob.targets:
                 self.write(file, plain, off)
             del plain
-            if NATIVE and hasattr(self.local, "codec"):
-                self.local.opened.trim()
-                self.local.plain.trim()
+        del view
+        buffers = self.buffers()
+        if buffers is not None:
+            for buf in buffers.values():
+                buf.trim()
 
-    def decode(self, loc: BlobLocation, sealed: memoryview) -> bytes | memoryview:
-        """``Repository.decode_blob`` into this thread's buffers (valid until its next call): with the
-        C part, one GIL-free call to open and one to decompress, and no allocation per blob."""
+    def buffers(self) -> dict[str, _Buffer] | None:
+        """This worker's buffers: ``read`` (pack ranges), ``plain`` (decompressed blobs), ``opened``
+        (decrypted blobs that cannot be decrypted in place); None without the C part."""
         if not NATIVE:
-            return self.repo.decode_blob(loc, sealed)
-        what = f"data blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
+            return None
         local = self.local
         if not hasattr(local, "codec"):
             local.codec = Codec()
-            local.opened = _DecodeBuffer()
-            local.plain = _DecodeBuffer()
-        opened = local.opened.view(len(sealed) - OVERHEAD)
+            local.buffers = {"read": _Buffer(MAX_RANGE), "plain": _Buffer(KEEP_DECODED)}
+        return local.buffers
+
+    def read_range(self, pack_id: bytes, offset: int, length: int) -> memoryview:
+        """Bytes of a pack; from a local vault straight into this worker's read buffer (writable, so
+        blobs can be decrypted in place), otherwise (or when that read fails: the backend then
+        reports it, or retries) as the backend returns them."""
+        buffers = self.buffers()
+        if self.pack_path is not None and buffers is not None:
+            view = buffers["read"].view(length)
+            got = -1
+            try:
+                fd = os.open(self.pack_path("data", pack_id.hex()), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+            else:
+                try:
+                    got = 0
+                    while got < length:
+                        n = os.preadv(fd, [view[got:]], offset + got)
+                        if not n:
+                            break
+                        got += n
+                except OSError:
+                    got = -1
+                finally:
+                    os.close(fd)
+            if got == length:
+                return view
+        return memoryview(self.repo.backend.read("data", pack_id.hex(), offset, length))
+
+    def decode(
+        self, loc: BlobLocation, sealed: memoryview, in_place: bool = False
+    ) -> bytes | memoryview:
+        """``Repository.decode_blob`` into this thread's buffers (valid until its next call): with the
+        C part, one GIL-free call to open and one to decompress, and no allocation per blob. With
+        ``in_place`` and a writable ``sealed``, the blob is decrypted over its own ciphertext (the tag
+        is checked before anything is written; libcrypto's CTR takes the same input and output)."""
+        buffers = self.buffers()
+        if buffers is None:
+            return self.repo.decode_blob(loc, sealed)
+        what = f"data blob {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
+        if in_place and not sealed.readonly and len(sealed) >= OVERHEAD:
+            opened = sealed[NONCE_SIZE : len(sealed) - OVERHEAD + NONCE_SIZE]
+        else:
+            if "opened" not in buffers:
+                buffers["opened"] = _Buffer(KEEP_DECODED)
+            opened = buffers["opened"].view(len(sealed) - OVERHEAD)
         self.repo.key.open_into(opened, sealed, what)
         plain = opened
         if loc.uncompressed_length:
             size = loc.uncompressed_length
-            plain = local.plain.view(size)
+            plain = buffers["plain"].view(size)
             try:
-                got = local.codec.decompress_into(plain, opened)
+                got = self.local.codec.decompress_into(plain, opened)
             except ValueError:
                 # e.g. a frame that does not state its size: the streaming decoder judges it
                 plain[:] = unpacked.decompress(opened, size, what)
