@@ -19,9 +19,9 @@ leaves to its user:
   piece three times (its buffer, the extracted slice, our bytes). h11 still parses every head and every
   chunked body; after such a request the connection continues with a fresh h11 state fed with whatever
   followed the body. On plain TCP such a body can also be *pumped* (``Request.pump``): a worker thread
-  receives it and hands each piece to the application's sink while the piece is still in the CPU cache,
-  with no trip through the event loop per piece; only when the socket stays empty does the wait go back
-  to the event loop (and its timeout).
+  receives it into the application's own buffer (``BodySink.space``) and tells the sink at once, while
+  the bytes are still in the CPU cache, with no trip through the event loop per piece; only when the
+  socket stays empty does the wait go back to the event loop (and its timeout).
 
 Shutdown: ``Lifecycle.draining`` makes every connection close after its current response, and idle
 connections are cancelled at once.
@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import trio
@@ -58,6 +58,22 @@ _NOTHING = memoryview(bytes(1 << 20))
 
 class ClientGone(Exception):
     """The client closed the connection, broke the protocol or went silent in the middle of a request."""
+
+
+class BodySink(Protocol):
+    """Where a pumped body goes (``Request.pump``); used by one worker thread at a time."""
+
+    def space(self) -> memoryview:
+        """Where the next bytes go; never empty."""
+        ...
+
+    def filled_sync(self, n: int) -> None:
+        """``n`` bytes were put at the start of the last ``space()``."""
+        ...
+
+    def write_one_sync(self, piece: memoryview) -> None:
+        """Take bytes that arrived elsewhere (read before the body was pumped)."""
+        ...
 
 
 #: A streamed body: called with ``send(piece)``; it must send exactly ``Response.length`` bytes.
@@ -174,16 +190,11 @@ class Request:
             and self._conn.socket_fd is not None
         )
 
-    async def pump(
-        self,
-        sink_sync: Callable[[memoryview], None],
-        buffer: memoryview,
-        run_sync: Callable[..., Awaitable[Any]],
-    ) -> None:
-        """Feed the whole body to ``sink_sync`` (only if ``pumpable``). Worker threads started through
-        ``run_sync(fn, *args)`` receive the body into ``buffer`` and call ``sink_sync`` with each piece,
-        which is valid only during that call. Raises ClientGone, or what ``sink_sync`` raises."""
-        await self._conn.pump_body(self, sink_sync, buffer, run_sync)
+    async def pump(self, sink: BodySink, run_sync: Callable[..., Awaitable[Any]]) -> None:
+        """Feed the whole body to ``sink`` (only if ``pumpable``). Worker threads started through
+        ``run_sync(fn, *args)`` receive the body into ``sink.space()`` and call ``sink.filled_sync``
+        after each receive. Raises ClientGone, or what the sink raises."""
+        await self._conn.pump_body(self, sink, run_sync)
         self.complete = True
 
 
@@ -318,13 +329,9 @@ class HttpConnection:
         return n
 
     async def pump_body(
-        self,
-        request: Request,
-        sink_sync: Callable[[memoryview], None],
-        buffer: memoryview,
-        run_sync: Callable[..., Awaitable[Any]],
+        self, request: Request, sink: BodySink, run_sync: Callable[..., Awaitable[Any]]
     ) -> None:
-        """The rest of a Content-Length body into ``sink_sync`` (see ``Request.pump``)."""
+        """The rest of a Content-Length body into ``sink`` (see ``Request.pump``)."""
         fd = self.socket_fd
         assert fd is not None
         if not self._raw_started:
@@ -334,11 +341,11 @@ class HttpConnection:
             piece, self._spill = self._spill[:n], self._spill[n:]
             self._raw_left -= n
             request.received += n
-            await run_sync(sink_sync, piece)
+            await run_sync(sink.write_one_sync, piece)
         while self._raw_left:
             if self._spill_closed:
                 raise ClientGone("the client closed the connection in the middle of a body")
-            gone = await run_sync(self._pump_sync, request, sink_sync, buffer)
+            gone = await run_sync(self._pump_sync, request, sink)
             if gone:
                 raise ClientGone("the client closed the connection in the middle of a body")
             if self._raw_left:
@@ -347,20 +354,19 @@ class HttpConnection:
                     continue
                 raise ClientGone("timed out waiting for the client")
 
-    def _pump_sync(
-        self, request: Request, sink_sync: Callable[[memoryview], None], buffer: memoryview
-    ) -> bool:
-        """In a worker thread: receive and sink body pieces until the body ends, PUMP_LIMIT bytes
-        passed, or the socket stayed empty for PUMP_WAIT_MS. True when the client is gone. The counts
-        are kept up to date piece by piece, so they are right even when the sink raises."""
+    def _pump_sync(self, request: Request, sink: BodySink) -> bool:
+        """In a worker thread: receive body pieces into the sink until the body ends, PUMP_LIMIT
+        bytes passed, or the socket stayed empty for PUMP_WAIT_MS. True when the client is gone. The
+        counts are kept up to date piece by piece, so they are right even when the sink raises."""
         fd = self.socket_fd
         assert fd is not None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         passed = 0
         while self._raw_left and passed < PUMP_LIMIT:
+            space = sink.space()
             try:
-                n = os.readv(fd, [buffer[: min(len(buffer), self._raw_left)]])
+                n = os.readv(fd, [space[: self._raw_left]])
             except BlockingIOError:
                 if not poller.poll(PUMP_WAIT_MS):
                     return False  # let the event loop wait, under its timeout
@@ -372,7 +378,7 @@ class HttpConnection:
             self._raw_left -= n
             request.received += n
             passed += n
-            sink_sync(buffer[:n])
+            sink.filled_sync(n)
         return False
 
     def _next_cycle_after_raw(self) -> bool:

@@ -1,0 +1,105 @@
+"""Uploads on disk: the O_DIRECT path (whole buffers straight from the receive buffer, the tail through
+the page cache), the page-cache path, and the fall-back when a file system refuses direct writes."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+
+import pytest
+
+from vaultfs.server import storage as storage_module
+from vaultfs.server.storage import UPLOAD_BUFFER, Storage, Upload, upload_buffer
+
+
+def supports_direct(folder: str) -> bool:
+    try:
+        fd = os.open(os.path.join(folder, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(os.path.join(folder, "probe"))
+    return True
+
+
+def feed_through_space(upload: Upload, data: bytes, step: int) -> None:
+    """What the protocol's pump does: receive into ``space()``, then report with ``filled_sync``."""
+    view = memoryview(data)
+    while view:
+        space = upload.space()
+        n = min(len(space), len(view), step)
+        space[:n] = view[:n]
+        upload.filled_sync(n)
+        view = view[n:]
+
+
+def store(tmp_path, data: bytes, how: str, buffer=None) -> tuple[Storage, Upload, str]:
+    storage = Storage([str(tmp_path / "vol")])
+    storage.make_volumes_sync()
+    name = hashlib.sha256(data).hexdigest()
+    upload = storage.begin_upload_sync("bk", "data", name, len(data), buffer)
+    started_direct = upload.direct
+    if how == "space":
+        feed_through_space(upload, data, 200_001)
+    else:
+        for at in range(0, len(data), 300_007):
+            upload.write_one_sync(data[at : at + 300_007])
+    upload.finish_sync()
+    storage.commit_sync("bk", "data", name, upload)
+    return storage, upload, str(started_direct)
+
+
+@pytest.mark.parametrize("how", ["space", "pieces"])
+@pytest.mark.parametrize(
+    "size", [3 * UPLOAD_BUFFER + 12_345, 2 * UPLOAD_BUFFER, UPLOAD_BUFFER - 1, 4097]
+)
+def test_upload_keeps_every_byte(tmp_path, size, how):
+    data = os.urandom(size)
+    storage, upload, started_direct = store(tmp_path, data, how, upload_buffer())
+    expect_direct = size >= UPLOAD_BUFFER and supports_direct(str(tmp_path))
+    assert started_direct == str(expect_direct)
+    name = hashlib.sha256(data).hexdigest()
+    assert upload.hash.hexdigest() == name and upload.size == size
+    path = tmp_path / "vol" / "bk" / "data" / name[:2] / name
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert [p.name for p in path.parent.iterdir()] == [name]  # no temp file left
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
+    """O_DIRECT accepted at open but refused (EINVAL) at the first write: the upload carries on
+    through the page cache, and later uploads do not try O_DIRECT again."""
+    if not supports_direct(str(tmp_path)):
+        pytest.skip("no O_DIRECT here")
+    real_write = os.write
+    refused = []
+
+    def write(fd: int, data) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(storage_module.os, "write", write)
+    monkeypatch.setattr(Upload, "direct_ok", True)
+    data = os.urandom(2 * UPLOAD_BUFFER + 99)
+    _storage, upload, started_direct = store(tmp_path, data, "space", upload_buffer())
+    assert started_direct == "True" and refused == [UPLOAD_BUFFER]
+    assert not Upload.direct_ok and not upload.direct
+    name = hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "vol" / "bk" / "data" / name[:2] / name).read_bytes() == data
+    again = os.urandom(UPLOAD_BUFFER + 5)
+    _storage, _upload, started_direct = store(tmp_path, again, "space", upload_buffer())
+    assert started_direct == "False" and refused == [UPLOAD_BUFFER]
+
+
+def test_aborted_direct_upload_leaves_nothing(tmp_path):
+    storage = Storage([str(tmp_path / "vol")])
+    storage.make_volumes_sync()
+    upload = storage.begin_upload_sync("bk", "data", "ab" * 32, 5 * UPLOAD_BUFFER, upload_buffer())
+    feed_through_space(upload, os.urandom(UPLOAD_BUFFER + 10), 65_536)
+    upload.abort_sync()
+    assert list((tmp_path / "vol" / "bk" / "data" / "ab").iterdir()) == []
