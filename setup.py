@@ -25,5 +25,10 @@ setup(
             sources=["vaultfs/ops/_newfile.c"],
             extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
         ),
+        Extension(
+            "vaultfs.ops._files",
+            sources=["vaultfs/ops/_files.c"],
+            extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
+        ),
     ],
 )

@@ -78,3 +78,38 @@ def test_master_key_into_methods_agree_with_and_without_the_c_part(monkeypatch):
         out[20] ^= 1
         with pytest.raises(IntegrityError):
             KEY.open_into(back, out, "blob X")
+
+
+@needs_native
+def test_the_batch_functions_match_one_blob_at_a_time():
+    """sha256_spans, Codec.compress_spans and seal_many give what hashlib, zstandard and the Python
+    seal give blob by blob, and refuse spans outside the data or too little room for the frames."""
+    import hashlib
+
+    pieces = [os.urandom(n // 2) + bytes(n - n // 2) for n in (1, 100, 5000, 70_000)]
+    data = b"".join(pieces)
+    spans: list[int] = []
+    pos = 0
+    for p in pieces:
+        spans += (pos, len(p))
+        pos += len(p)
+    assert _blob.sha256_spans(data, spans) == [hashlib.sha256(p).digest() for p in pieces]
+    codec = _blob.Codec(3)
+    out = bytearray(sum(codec.bound(len(p)) for p in pieces))
+    lengths = codec.compress_spans(out, data, spans)
+    frames = []
+    pos = 0
+    for n in lengths:
+        frames.append(bytes(out[pos : pos + n]))
+        pos += n
+    assert [zstandard.ZstdDecompressor().decompress(f) for f in frames] == pieces
+    sealed = [bytearray(len(f) + OVERHEAD) for f in frames]
+    _blob.seal_many(KEY.raw, list(zip(sealed, frames, strict=True)))
+    assert [KEY.open(bytes(s)) for s in sealed] == frames
+    assert len({bytes(s[:16]) for s in sealed}) == len(sealed)  # a nonce of its own each
+    with pytest.raises(ValueError):
+        _blob.sha256_spans(data, [len(data) - 1, 2])
+    with pytest.raises(ValueError):
+        codec.compress_spans(bytearray(100), data, spans)
+    with pytest.raises(ValueError):
+        _blob.seal_many(KEY.raw, [(bytearray(10), b"abc")])

@@ -140,3 +140,35 @@ def test_a_failing_background_write_is_raised_to_producers_and_by_flush(tmp_path
         writer.flush()
     writer.stop_writers()
     assert not written.packs and not list(backend.list("data"))
+
+
+def test_reserve_many_stops_before_waiting_while_it_holds_slots(tmp_path):
+    """Slots of packs that are full but not committed keep their buffers: a producer that waited for a
+    buffer while holding such slots would wait forever once every buffer is taken."""
+    backend, written = make(tmp_path)
+    go = threading.Event()
+    writer = PackWriter(backend, KEY, written, target_size=1024)
+    writer.start_writers(1, before_write=lambda: go.wait(30))
+    plains = {hashlib.sha256(p).digest(): p for p in (os.urandom(2000) for _ in range(8))}
+    wanted = [(blob_id, len(p) + OVERHEAD, 0) for blob_id, p in plains.items()]
+    result: list[list] = []
+    first = threading.Thread(target=lambda: result.append(writer.reserve_many(DATA, wanted)))
+    first.start()
+    first.join(30)
+    assert not first.is_alive(), "reserve_many waited for a buffer while holding slots"
+    got = result[0]
+    assert 0 < len(got) < len(wanted)  # each blob fills a pack: the buffers ran out on the way
+    done = 0
+    while True:
+        for (blob_id, _length, _ulen), slot in zip(wanted[done:], got, strict=False):
+            assert slot is not None
+            KEY.seal_into(slot.view, plains[blob_id])
+            writer.commit(slot)
+        done += len(got)
+        go.set()
+        if done == len(wanted):
+            break
+        got = writer.reserve_many(DATA, wanted[done:])
+    writer.stop_writers()
+    writer.flush()
+    assert read_back(backend, written) == plains

@@ -149,6 +149,19 @@ require_libs(void)
     return -1;
 }
 
+/* require_libs and load_digest: 0, or -1 with an exception set. */
+static int
+require_digest(void)
+{
+    if (require_libs() < 0)
+        return -1;
+    if (load_digest() < 0) {
+        PyErr_Format(PyExc_OSError, "native blob functions unavailable: %s", libs_error);
+        return -1;
+    }
+    return 0;
+}
+
 /* -- sealing ------------------------------------------------------------------------------------ */
 
 #define NONCE 16
@@ -335,6 +348,193 @@ open_into(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(rc == 0);
 }
 
+PyDoc_STRVAR(seal_many_doc,
+"seal_many(key, pairs, /) -> None\n\
+\n\
+seal_into for each (out, plaintext) of pairs, releasing the GIL once for all of them.");
+
+static PyObject *
+seal_many(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "seal_many(key, pairs) takes 2 arguments");
+        return NULL;
+    }
+    Py_buffer key;
+    if (require_libs() < 0 || get_key(args[0], &key) < 0)
+        return NULL;
+    PyObject *pairs = PySequence_Tuple(args[1]);
+    if (pairs == NULL) {
+        PyBuffer_Release(&key);
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(pairs), held = 0;
+    Py_buffer *bufs = PyMem_Calloc(2 * (size_t)count + 1, sizeof(Py_buffer));
+    int rc = 0;
+    if (bufs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < count; held++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, held);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "pairs must hold (out, plaintext) tuples");
+            goto done;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 0), &bufs[2 * held], PyBUF_WRITABLE) < 0)
+            goto done;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 1), &bufs[2 * held + 1], PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&bufs[2 * held]);
+            goto done;
+        }
+        if (bufs[2 * held].len != bufs[2 * held + 1].len + NONCE + TAG) {
+            PyBuffer_Release(&bufs[2 * held + 1]);
+            PyBuffer_Release(&bufs[2 * held]);
+            PyErr_SetString(PyExc_ValueError, "out must be exactly len(plaintext) + 32 bytes");
+            goto done;
+        }
+    }
+    const unsigned char *k = key.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count && rc == 0; i++) {
+        unsigned char *o = bufs[2 * i].buf;
+        const unsigned char *in = bufs[2 * i + 1].buf;
+        size_t n = (size_t)bufs[2 * i + 1].len;
+        rc = random_nonce(o);
+        if (rc == 0)
+            rc = ctr_crypt(k, o, in, o + NONCE, n);
+        if (rc == 0)
+            rc = mac_tag(k, o, o + NONCE, n, o + NONCE + n);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        PyErr_SetString(PyExc_OSError, "sealing failed inside libcrypto");
+done:
+    for (Py_ssize_t i = 0; i < held; i++) {
+        PyBuffer_Release(&bufs[2 * i + 1]);
+        PyBuffer_Release(&bufs[2 * i]);
+    }
+    PyMem_Free(bufs);
+    Py_DECREF(pairs);
+    PyBuffer_Release(&key);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The (offset, length) pairs of a flat list of ints, checked against a buffer of size. */
+static size_t *
+get_spans(PyObject *obj, Py_ssize_t size, Py_ssize_t *count)
+{
+    PyObject *seq = PySequence_Fast(obj, "spans must be a sequence of ints");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n % 2) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "spans must hold offset, length pairs");
+        return NULL;
+    }
+    size_t *spans = PyMem_Calloc((size_t)n + 2, sizeof(size_t));
+    if (spans == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t v = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i));
+        if (v < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "spans must not be negative");
+            goto fail;
+        }
+        spans[i] = (size_t)v;
+    }
+    for (Py_ssize_t i = 0; i < n; i += 2)
+        if (spans[i] > (size_t)size || spans[i + 1] > (size_t)size - spans[i]) {
+            PyErr_SetString(PyExc_ValueError, "span outside the data");
+            goto fail;
+        }
+    Py_DECREF(seq);
+    *count = n / 2;
+    return spans;
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(spans);
+    return NULL;
+}
+
+/* A list of count items, item(ctx, i) each (a new reference, or NULL with an exception set). */
+static PyObject *
+build_list(Py_ssize_t count, PyObject *(*item)(const void *, Py_ssize_t), const void *ctx)
+{
+    PyObject *list = PyList_New(count);
+    for (Py_ssize_t i = 0; list != NULL && i < count; i++) {
+        PyObject *v = item(ctx, i);
+        if (v == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, v);
+    }
+    return list;
+}
+
+static PyObject *
+digest_item(const void *digests, Py_ssize_t i)
+{
+    return PyBytes_FromStringAndSize((const char *)digests + 32 * i, 32);
+}
+
+static PyObject *
+size_item(const void *sizes, Py_ssize_t i)
+{
+    return PyLong_FromSize_t(((const size_t *)sizes)[i]);
+}
+
+PyDoc_STRVAR(sha256_spans_doc,
+"sha256_spans(data, spans, /) -> list[bytes]\n\
+\n\
+The SHA-256 of each data[offset:offset + length] for spans = [offset, length, offset, length, ...],\n\
+releasing the GIL once for all of them.");
+
+static PyObject *
+sha256_spans(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sha256_spans(data, spans) takes 2 arguments");
+        return NULL;
+    }
+    if (require_digest() < 0)
+        return NULL;
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t count = 0;
+    size_t *spans = get_spans(args[1], data.len, &count);
+    unsigned char *digests = spans ? PyMem_Malloc(32 * (size_t)count + 1) : NULL;
+    PyObject *out = NULL;
+    if (spans != NULL && digests == NULL)
+        PyErr_NoMemory();
+    if (digests != NULL) {
+        int ok = 1;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count && ok; i++) {
+            unsigned int mdlen = 0;
+            ok = L.digest((const unsigned char *)data.buf + spans[2 * i], spans[2 * i + 1],
+                          digests + 32 * i, &mdlen, L.sha256(), NULL) == 1 && mdlen == 32;
+        }
+        Py_END_ALLOW_THREADS
+        if (!ok)
+            PyErr_SetString(PyExc_OSError, "hashing failed inside libcrypto");
+        else
+            out = build_list(count, digest_item, digests);
+    }
+    PyMem_Free(digests);
+    PyMem_Free(spans);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 /* -- zstd --------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -448,6 +648,77 @@ Codec_bound(CodecObject *Py_UNUSED(c), PyObject *arg)
 }
 
 
+PyDoc_STRVAR(compress_spans_doc,
+"compress_spans(out, data, spans, /) -> list[int]\n\
+\n\
+One zstd frame of each data[offset:offset + length] for spans = [offset, length, ...], the frames one\n\
+after the other in out from offset 0; returns their lengths. ValueError when out has less room than\n\
+the bound of a frame. Releases the GIL once for all of them.");
+
+static PyObject *
+Codec_compress_spans(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "compress_spans(out, data, spans) takes 3 arguments");
+        return NULL;
+    }
+    if (c->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Codec is in use by another thread");
+        return NULL;
+    }
+    if (c->cctx == NULL && (c->cctx = L.zstd_create_cctx()) == NULL)
+        return PyErr_NoMemory();
+    Py_buffer out, data;
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    size_t *spans = get_spans(args[2], data.len, &count);
+    size_t *sizes = spans ? PyMem_Calloc((size_t)count + 1, sizeof(size_t)) : NULL;
+    PyObject *result = NULL;
+    if (spans != NULL && sizes == NULL)
+        PyErr_NoMemory();
+    if (sizes != NULL) {
+        size_t err = 0;
+        int room = 1;
+        c->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        size_t pos = 0, cap = (size_t)out.len;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            size_t n = spans[2 * i + 1];
+            if (L.zstd_bound(n) > cap - pos) {
+                room = 0;
+                break;
+            }
+            size_t r = L.zstd_compress_cctx(c->cctx, (unsigned char *)out.buf + pos, cap - pos,
+                                            (const unsigned char *)data.buf + spans[2 * i], n,
+                                            c->level);
+            if (L.zstd_is_error(r)) {
+                err = r;
+                break;
+            }
+            sizes[i] = r;
+            pos += r;
+        }
+        Py_END_ALLOW_THREADS
+        c->busy = 0;
+        if (!room)
+            PyErr_SetString(PyExc_ValueError, "out has too little room for the frames");
+        else if (err)
+            PyErr_Format(PyExc_ValueError, "zstd: %s", L.zstd_error_name(err));
+        else
+            result = build_list(count, size_item, sizes);
+    }
+    PyMem_Free(sizes);
+    PyMem_Free(spans);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* One entry of Codec.check_blobs' table: offset, length, uncompressed length (0: not compressed),
  * little-endian uint64 each, then the 32-byte blob ID. */
 #define ENTRY (3 * 8 + 32)
@@ -483,12 +754,8 @@ Codec_check_blobs(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "check_blobs(key, data, table, opened, plain) takes 5 arguments");
         return NULL;
     }
-    if (require_libs() < 0)
+    if (require_digest() < 0)
         return NULL;
-    if (load_digest() < 0) {
-        PyErr_Format(PyExc_OSError, "native blob functions unavailable: %s", libs_error);
-        return NULL;
-    }
     if (c->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Codec is in use by another thread");
         return NULL;
@@ -593,6 +860,8 @@ static PyMethodDef Codec_methods[] = {
     {"decompress_into", (PyCFunction)(void (*)(void))Codec_decompress_into, METH_FASTCALL,
      "decompress_into(out, frame, /) -> int\n\nDecompress one zstd frame that states its content "
      "size into out; returns that size. ValueError on bad data. Releases the GIL."},
+    {"compress_spans", (PyCFunction)(void (*)(void))Codec_compress_spans, METH_FASTCALL,
+     compress_spans_doc},
     {"check_blobs", (PyCFunction)(void (*)(void))Codec_check_blobs, METH_FASTCALL,
      check_blobs_doc},
     {"bound", (PyCFunction)Codec_bound, METH_O,
@@ -625,6 +894,8 @@ static PyMethodDef module_methods[] = {
      "available() -> bool\n\nWhether libcrypto and libzstd could be loaded."},
     {"seal_into", (PyCFunction)(void (*)(void))seal_into, METH_FASTCALL, seal_into_doc},
     {"open_into", (PyCFunction)(void (*)(void))open_into, METH_FASTCALL, open_into_doc},
+    {"seal_many", (PyCFunction)(void (*)(void))seal_many, METH_FASTCALL, seal_many_doc},
+    {"sha256_spans", (PyCFunction)(void (*)(void))sha256_spans, METH_FASTCALL, sha256_spans_doc},
     {NULL, NULL, 0, NULL},
 };
 

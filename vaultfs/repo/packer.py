@@ -34,6 +34,9 @@ _SLACK = 9 * 1024 * 1024
 
 OnPack = Callable[[bytes, list[PackedBlob]], None]
 
+#: ``PackWriter._reserve``'s answer when it would have to wait for a buffer.
+_WOULD_WAIT = object()
+
 
 def _header_room(entries: int) -> int:
     """Bytes the sealed header and its length take for this many entries (at most)."""
@@ -110,37 +113,70 @@ class PackWriter:
         ``blob_id``. Every slot must be passed to ``commit`` (or ``abort``); may wait for a free
         buffer while background writers are busy. Raises what a background write raised."""
         with self._lock:
-            while True:
-                if self._error is not None:
-                    raise self._error
-                pack = self._open.get(blob_type)
-                if pack is not None:
-                    if blob_id in pack.ids:
-                        return None
-                    if pack.size + length + _header_room(len(pack.blobs) + 1) <= len(pack.buf):
-                        break
-                    self._close(blob_type, pack)  # this blob does not fit: a new pack
-                    continue
-                # Waiting for a buffer lets go of the lock: another thread may have opened a pack
-                # of this type meanwhile, which then takes the blob instead.
-                pack = self._new_pack(length + _header_room(1))
-                if blob_type not in self._open:
-                    self._open[blob_type] = pack
-                    break
-                self._give_back(pack, locked=True)
-            offset = pack.size
-            pack.size += length
-            pack.blobs.append(PackedBlob(blob_type, offset, length, uncompressed_length, blob_id))
-            pack.ids.add(blob_id)
-            pack.unfilled += 1
-            header_full = _header_room(len(pack.blobs) + 1) >= MAX_HEADER
-            if pack.size >= self.target_size or header_full:
-                self._close(blob_type, pack)
-            slot = BlobSlot(pack, memoryview(pack.buf)[offset : offset + length])
+            slot = self._reserve(blob_type, blob_id, length, uncompressed_length, wait=True)
             background = bool(self._threads)
         if not background:
             self._write_closed()  # a pack closed above because this blob did not fit
-        return slot
+        assert slot is not _WOULD_WAIT
+        return slot  # type: ignore[return-value]
+
+    def reserve_many(
+        self, blob_type: int, blobs: list[tuple[bytes, int, int]]
+    ) -> list[BlobSlot | None]:
+        """``reserve`` for each (blob_id, length, uncompressed_length) of ``blobs`` under one lock, in
+        order, as far as it goes without waiting for a buffer: the slots of the first so many blobs
+        (None for one the open pack holds). Waiting while holding slots could deadlock (their packs
+        are written only once they are committed), so the caller seals and commits these, then asks
+        again for the rest; with no slot taken yet it waits as ``reserve`` does."""
+        slots: list[BlobSlot | None] = []
+        with self._lock:
+            for blob_id, length, uncompressed_length in blobs:
+                slot = self._reserve(
+                    blob_type, blob_id, length, uncompressed_length, wait=not slots
+                )
+                if slot is _WOULD_WAIT:
+                    break
+                slots.append(slot)  # type: ignore[arg-type]
+            background = bool(self._threads)
+        if not background:
+            self._write_closed()
+        return slots
+
+    def _reserve(
+        self, blob_type: int, blob_id: bytes, length: int, uncompressed_length: int, wait: bool
+    ) -> BlobSlot | None | object:
+        """``reserve`` with the lock held; _WOULD_WAIT instead of waiting for a buffer unless ``wait``."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            pack = self._open.get(blob_type)
+            if pack is not None:
+                if blob_id in pack.ids:
+                    return None
+                if pack.size + length + _header_room(len(pack.blobs) + 1) <= len(pack.buf):
+                    break
+                if not wait and self._must_wait(length + _header_room(1)):
+                    return _WOULD_WAIT
+                self._close(blob_type, pack)  # this blob does not fit: a new pack
+                continue
+            if not wait and self._must_wait(length + _header_room(1)):
+                return _WOULD_WAIT
+            # Waiting for a buffer lets go of the lock: another thread may have opened a pack
+            # of this type meanwhile, which then takes the blob instead.
+            pack = self._new_pack(length + _header_room(1))
+            if blob_type not in self._open:
+                self._open[blob_type] = pack
+                break
+            self._give_back(pack, locked=True)
+        offset = pack.size
+        pack.size += length
+        pack.blobs.append(PackedBlob(blob_type, offset, length, uncompressed_length, blob_id))
+        pack.ids.add(blob_id)
+        pack.unfilled += 1
+        header_full = _header_room(len(pack.blobs) + 1) >= MAX_HEADER
+        if pack.size >= self.target_size or header_full:
+            self._close(blob_type, pack)
+        return BlobSlot(pack, memoryview(pack.buf)[offset : offset + length])
 
     def commit(self, slot: BlobSlot) -> None:
         """The slot's region is filled: the pack is written once it is closed and complete."""
@@ -171,6 +207,15 @@ class PackWriter:
             return pack is not None and blob_id in pack.ids
 
     # -- buffers (lock held) --------------------------------------------------------------------
+
+    def _must_wait(self, need: int) -> bool:
+        """Whether ``_new_pack(need)`` would wait for a buffer."""
+        return (
+            need <= self.capacity
+            and not self._free
+            and self._max_buffers is not None
+            and self._buffers >= self._max_buffers
+        )
 
     def _new_pack(self, need: int) -> _OpenPack:
         if need > self.capacity:

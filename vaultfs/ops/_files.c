@@ -1,0 +1,369 @@
+/*
+ * Backup's small-file hot path in C: open, fstat, list the extended attributes and read a whole batch of
+ * small files into one buffer, releasing the GIL once for the batch.
+ *
+ * Why here: done from Python, each small file costs about six system calls (open, fstat, listxattr,
+ * read, read again for the end, close), and each one hands the GIL between backup's threads (the walk,
+ * two readers, two blob workers, the pack writer). On the benchmark's 20,000 small files those
+ * hand-offs (futex wake-ups and context switches) cost more CPU than the reading itself.
+ *
+ * A file found bigger than the limit (or bigger than the room left in the buffer) is handed back open,
+ * at offset 0, for the caller's chunking path. Every failure is handed back as an errno, so the caller
+ * reports it the way it always has.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+/* Outcomes (the first item of each result). */
+enum { READ = 0, BIG = 1, OPEN_FAILED = 2, FAILED = 3, NOT_REGULAR = 4 };
+
+typedef struct {
+    int status;
+    int err;
+    int fd;
+    struct stat st;
+    size_t offset;
+    size_t length;
+    char *names;       /* flistxattr's list (NUL-separated), NULL when none */
+    ssize_t names_len;
+    char **values;     /* one malloc'd value per name, NULL for a name that vanished */
+    ssize_t *value_len;
+    int count;         /* names in the list */
+} result_t;
+
+static int
+no_xattrs(int err)
+{
+    return err == ENOTSUP || err == EOPNOTSUPP || err == ENOSYS || err == ENODATA;
+}
+
+/* The file's extended attributes, in the kernel's listing order. 0, or an errno. */
+static int
+read_xattrs(int fd, result_t *r)
+{
+    for (int attempt = 0; attempt < 8; attempt++) {
+        ssize_t n = flistxattr(fd, NULL, 0);
+        if (n < 0)
+            return no_xattrs(errno) ? 0 : errno;
+        if (n == 0)
+            return 0;
+        char *names = malloc((size_t)n);
+        if (names == NULL)
+            return ENOMEM;
+        ssize_t got = flistxattr(fd, names, (size_t)n);
+        if (got < 0) {
+            int err = errno;
+            free(names);
+            if (err == ERANGE)
+                continue; /* the list grew meanwhile */
+            return no_xattrs(err) ? 0 : err;
+        }
+        r->names = names;
+        r->names_len = got;
+        break;
+    }
+    if (r->names == NULL)
+        return EAGAIN;
+    int count = 0;
+    for (ssize_t i = 0; i < r->names_len; i++)
+        if (r->names[i] == '\0')
+            count++;
+    r->values = calloc((size_t)count + 1, sizeof(char *));
+    r->value_len = calloc((size_t)count + 1, sizeof(ssize_t));
+    if (r->values == NULL || r->value_len == NULL)
+        return ENOMEM;
+    r->count = count;
+    const char *name = r->names;
+    for (int i = 0; i < count; i++, name += strlen(name) + 1) {
+        for (int attempt = 0;; attempt++) {
+            ssize_t n = fgetxattr(fd, name, NULL, 0);
+            if (n < 0) {
+                if (no_xattrs(errno))
+                    break; /* removed since the listing: left out */
+                return errno;
+            }
+            char *value = malloc(n ? (size_t)n : 1);
+            if (value == NULL)
+                return ENOMEM;
+            ssize_t got = fgetxattr(fd, name, value, (size_t)n);
+            if (got >= 0) {
+                r->values[i] = value;
+                r->value_len[i] = got;
+                break;
+            }
+            int err = errno;
+            free(value);
+            if (no_xattrs(err))
+                break;
+            if (err != ERANGE || attempt >= 8)
+                return err;
+        }
+    }
+    return 0;
+}
+
+static void
+clear_xattrs(result_t *r)
+{
+    if (r->values)
+        for (int i = 0; i < r->count; i++)
+            free(r->values[i]);
+    free(r->values);
+    free(r->value_len);
+    free(r->names);
+    r->values = NULL;
+    r->value_len = NULL;
+    r->names = NULL;
+    r->count = 0;
+}
+
+/* Read one file into buf[pos, pos + room) (room <= limit + 1 probes for one byte more). */
+static void
+read_one(const char *path, unsigned char *buf, size_t pos, size_t room, size_t limit, result_t *r)
+{
+    r->fd = -1;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOATIME);
+    if (fd < 0 && errno == EPERM) /* O_NOATIME needs to own the file: read it the ordinary way */
+        fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        r->status = OPEN_FAILED;
+        r->err = errno;
+        return;
+    }
+    if (fstat(fd, &r->st) < 0) {
+        r->status = FAILED;
+        r->err = errno;
+        close(fd);
+        return;
+    }
+    if (!S_ISREG(r->st.st_mode)) {
+        r->status = NOT_REGULAR;
+        close(fd);
+        return;
+    }
+    int err = read_xattrs(fd, r);
+    if (err) {
+        clear_xattrs(r);
+        r->status = FAILED;
+        r->err = err;
+        close(fd);
+        return;
+    }
+    /* Read at most min(limit, room) bytes and one more: getting that one means the file is longer. */
+    size_t cap = room < limit ? room : limit;
+    size_t total = 0;
+    unsigned char probe;
+    for (;;) {
+        ssize_t n;
+        if (total < cap)
+            n = read(fd, buf + pos + total, cap - total);
+        else
+            n = read(fd, &probe, 1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            r->status = FAILED;
+            r->err = errno;
+            clear_xattrs(r);
+            close(fd);
+            return;
+        }
+        if (n == 0)
+            break;
+        if (total >= cap) { /* longer than the limit or the room: the caller chunks it */
+            clear_xattrs(r);
+            if (lseek(fd, 0, SEEK_SET) < 0) {
+                r->status = FAILED;
+                r->err = errno;
+                close(fd);
+                return;
+            }
+            r->status = BIG;
+            r->fd = fd;
+            return;
+        }
+        total += (size_t)n;
+    }
+    close(fd);
+    r->status = READ;
+    r->offset = pos;
+    r->length = total;
+}
+
+static PyObject *
+stat_tuple(const struct stat *st)
+{
+    return Py_BuildValue(
+        "(KKKKKKLLLLKLL)", (unsigned long long)st->st_mode, (unsigned long long)st->st_ino,
+        (unsigned long long)st->st_dev, (unsigned long long)st->st_nlink,
+        (unsigned long long)st->st_uid, (unsigned long long)st->st_gid, (long long)st->st_size,
+        (long long)st->st_atim.tv_sec * 1000000000LL + st->st_atim.tv_nsec,
+        (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
+        (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec,
+        (unsigned long long)st->st_rdev, (long long)st->st_blksize, (long long)st->st_blocks);
+}
+
+static PyObject *
+xattr_list(const result_t *r)
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    const char *name = r->names;
+    for (int i = 0; i < r->count; i++, name += strlen(name) + 1) {
+        if (r->values[i] == NULL)
+            continue;
+        PyObject *item = Py_BuildValue("(O&y#)", PyUnicode_DecodeFSDefault, name, r->values[i],
+                                       (Py_ssize_t)r->value_len[i]);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+static PyObject *
+result_object(const result_t *r)
+{
+    switch (r->status) {
+    case READ: {
+        PyObject *st = stat_tuple(&r->st);
+        if (st == NULL)
+            return NULL;
+        PyObject *xattrs = xattr_list(r);
+        if (xattrs == NULL) {
+            Py_DECREF(st);
+            return NULL;
+        }
+        return Py_BuildValue("(iNnnN)", READ, st, (Py_ssize_t)r->offset, (Py_ssize_t)r->length,
+                             xattrs);
+    }
+    case BIG:
+        return Py_BuildValue("(ii)", BIG, r->fd);
+    case NOT_REGULAR:
+        return Py_BuildValue("(ii)", NOT_REGULAR, 0);
+    default:
+        return Py_BuildValue("(ii)", r->status, r->err);
+    }
+}
+
+PyDoc_STRVAR(read_files_doc,
+"read_files(paths, buffer, limit, /) -> list\n\n"
+"Read each file of ``paths`` (bytes; opened O_NOFOLLOW, O_NOATIME when allowed) whole into ``buffer``,\n"
+"one after the other from offset 0, with the GIL released once. One result per path:\n"
+"(0, stat, offset, length, xattrs): read; stat is (mode, ino, dev, nlink, uid, gid, size, atime_ns,\n"
+"    mtime_ns, ctime_ns, rdev, blksize, blocks) of the open file, xattrs a list of (name, value).\n"
+"(1, fd): longer than ``limit`` or than the room left; open at offset 0, the caller closes it.\n"
+"(2, errno): could not be opened. (3, errno): failed after opening. (4, 0): not a regular file.");
+
+static PyObject *
+read_files(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "read_files takes 3 arguments (paths, buffer, limit)");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    if (limit < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+        return NULL;
+    }
+    /* A tuple of its own: the bytes it holds stay alive and in place while the GIL is released. */
+    PyObject *paths = PySequence_Tuple(args[0]);
+    if (paths == NULL)
+        return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(paths);
+    const char **names = PyMem_Calloc((size_t)count + 1, sizeof(char *));
+    result_t *results = PyMem_Calloc((size_t)count + 1, sizeof(result_t));
+    if (names == NULL || results == NULL) {
+        PyMem_Free(names);
+        PyMem_Free(results);
+        Py_DECREF(paths);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *p = PyTuple_GET_ITEM(paths, i);
+        char *s;
+        Py_ssize_t len;
+        if (!PyBytes_Check(p)) {
+            PyErr_SetString(PyExc_TypeError, "paths must be bytes");
+            goto fail;
+        }
+        if (PyBytes_AsStringAndSize(p, &s, &len) < 0)
+            goto fail;
+        if ((Py_ssize_t)strlen(s) != len) {
+            PyErr_SetString(PyExc_ValueError, "embedded null byte in path");
+            goto fail;
+        }
+        names[i] = s;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        goto fail;
+
+    Py_BEGIN_ALLOW_THREADS
+    size_t pos = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        read_one(names[i], buf.buf, pos, (size_t)buf.len - pos, (size_t)limit, &results[i]);
+        if (results[i].status == READ)
+            pos += results[i].length;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+
+    PyObject *out = PyList_New(count);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = out ? result_object(&results[i]) : NULL;
+        if (item == NULL) {
+            Py_CLEAR(out);
+        }
+        else {
+            PyList_SET_ITEM(out, i, item);
+        }
+    }
+    if (out == NULL) /* hand nothing back: close what would have been handed back */
+        for (Py_ssize_t i = 0; i < count; i++)
+            if (results[i].status == BIG)
+                close(results[i].fd);
+    for (Py_ssize_t i = 0; i < count; i++)
+        clear_xattrs(&results[i]);
+    PyMem_Free(names);
+    PyMem_Free(results);
+    Py_DECREF(paths);
+    return out;
+
+fail:
+    PyMem_Free(names);
+    PyMem_Free(results);
+    Py_DECREF(paths);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"read_files", (PyCFunction)(void (*)(void))read_files, METH_FASTCALL, read_files_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_files",
+    "Backup's batched small-file reads (see _files.c); use vaultfs.ops.backup.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__files(void)
+{
+    return PyModule_Create(&module);
+}
