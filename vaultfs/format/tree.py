@@ -192,13 +192,23 @@ class Node:
         node_type = doc["type"]
         if node_type not in NODE_TYPES:
             raise ValueError(f"unknown node type {node_type!r}")
+        name = fs_name(go_unquote(doc["name"]))
+        mode = int(doc.get("mode") or 0)
+        # A node's three times are often the same text: parse it once (GoTime is immutable).
+        mtime_text, atime_text, ctime_text = doc.get("mtime"), doc.get("atime"), doc.get("ctime")
+        mtime = _time(mtime_text)
+        atime = mtime if atime_text == mtime_text else _time(atime_text)
+        if ctime_text == mtime_text:
+            ctime = mtime
+        else:
+            ctime = atime if ctime_text == atime_text else _time(ctime_text)
         return cls(
-            name=fs_name(go_unquote(doc["name"])),
+            name=name,
             type=node_type,
-            mode=int(doc.get("mode") or 0),
-            mtime=_time(doc.get("mtime")),
-            atime=_time(doc.get("atime")),
-            ctime=_time(doc.get("ctime")),
+            mode=mode,
+            mtime=mtime,
+            atime=atime,
+            ctime=ctime,
             uid=int(doc.get("uid") or 0),
             gid=int(doc.get("gid") or 0),
             user=doc.get("user") or "",
