@@ -432,6 +432,27 @@ def test_blobs_sharing_stored_bytes_are_decoded_apart(tmp_path):
     assert (tmp_path / "out" / "real").read_bytes() == real
 
 
+@pytest.mark.parametrize("wrong_size", [False, True])
+def test_a_blob_decrypted_in_place_that_fails_later_checks_is_reported_as_such(
+    tmp_path, wrong_size
+):
+    # The tag is right, so the blob is decrypted over its stored bytes before its hash (or size) is
+    # found wrong: the report must still say what is wrong, not that the bytes fail authentication.
+    b = VaultBuilder(tmp_path / "vault")
+    node = b.file("real", [os.urandom(30_000)])
+    b.repo.flush()
+    loc = b.repo.index.lookup(node.content[0], DATA)
+    bogus = b"\x03" * 32
+    size = 12345 if wrong_size else loc.uncompressed_length
+    b.repo.index.add_pack(loc.pack_id, [(bogus, DATA, loc.offset, loc.length, size)])
+    tree = [Node(name="only", type="file", mode=0o644, size=1, content=[bogus], **b.times())]
+    report = restore(b.repo, b.snapshot(tree), tmp_path / "out", workers=1)
+    [problem] = report.errors
+    assert "authentication" not in problem.message
+    expected = "decompressed to 30000 bytes, expected 12345" if wrong_size else "does not match"
+    assert expected in problem.message
+
+
 def _tree_state(root: Path) -> dict[str, tuple]:
     state = {}
     for dirpath, dirnames, filenames in os.walk(root):
