@@ -86,3 +86,32 @@ def test_bad_arguments_raise():
         _files.read_files([b"a\0b"], bytearray(10), LIMIT)
     with pytest.raises((TypeError, BufferError)):
         _files.read_files([b"/"], b"read-only", LIMIT)
+
+
+def test_scan_dir_lists_sorted_names_with_their_lstat(tmp_path):
+    from vaultfs.ops.backup import _stat_result
+
+    names = [b"b", b"a", b"\xff-not-utf8", b"Z", b"dir", b"link", b"fifo"]
+    for raw in names[:4]:
+        with open(os.path.join(bytes(tmp_path), raw), "wb") as f:
+            f.write(raw * 3)
+    (tmp_path / "dir").mkdir()
+    os.symlink("nowhere", tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    found = _files.scan_dir(bytes(tmp_path))
+    assert [raw for raw, _ in found] == sorted(names)
+    for raw, st in found:
+        want = os.lstat(os.path.join(bytes(tmp_path), raw))
+        got = _stat_result(st)
+        assert tuple(got) == tuple(want)
+        assert (got.st_mtime_ns, got.st_ctime_ns, got.st_atime_ns, got.st_mtime) == (
+            want.st_mtime_ns, want.st_ctime_ns, want.st_atime_ns, want.st_mtime
+        )  # fmt: skip
+    assert _files.scan_dir(bytes(tmp_path / "missing")) == errno.ENOENT
+    assert _files.scan_dir(bytes(tmp_path / "a")) == errno.ENOTDIR
+    os.symlink("dir", tmp_path / "dirlink")
+    assert _files.scan_dir(bytes(tmp_path / "dirlink")) in (
+        errno.ENOTDIR,
+        errno.ELOOP,
+    )  # not followed
+    assert _files.scan_dir(bytes(tmp_path / "dir")) == []

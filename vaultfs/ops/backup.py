@@ -110,10 +110,11 @@ if NATIVE:
 
     try:
         from vaultfs.ops._files import read_files as _read_files
+        from vaultfs.ops._files import scan_dir as _scan_dir
     except ImportError:  # built without it: the Python path reads small files one by one
-        _read_files = None
+        _read_files = _scan_dir = None
 else:
-    _read_files = None
+    _read_files = _scan_dir = None
 
 #: Threads reading and chunking files.
 DEFAULT_READERS = 2
@@ -877,6 +878,18 @@ class _Backup:
         """List a folder, ``lstat`` its entries (through the folder's descriptor: the kernel looks up
         one name, not the whole path) and load its parent tree."""
         listing = _Listing()
+        if _scan_dir is not None:
+            # One GIL-free call for the folder: no GIL hand-off per entry.
+            found = _scan_dir(path)
+            if isinstance(found, int):
+                listing.error = OSError(found, os.strerror(found))
+                return listing
+            listing.entries = [
+                (raw, _stat_result(st) if isinstance(st, tuple) else OSError(st, os.strerror(st)))
+                for raw, st in found
+            ]
+            listing.previous, listing.expected = self.load_previous(previous)
+            return listing
         try:
             fd = os.open(path, _DIR_FLAGS)
         except OSError as exc:
@@ -1165,12 +1178,7 @@ class _Backup:
             total = 0
             owners = self.owners
             for job, name, path, t, _offset, length, xattrs in read:
-                # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime ns, rdev, ...)
-                st = os.stat_result(
-                    (*t[:7], t[7] // 10**9, t[8] // 10**9, t[9] // 10**9,
-                     t[7] / 1e9, t[8] / 1e9, t[9] / 1e9, t[7], t[8], t[9], t[11], t[12], t[10])
-                )  # fmt: skip
-                node = node_from_stat(name, path, st, owners, xattrs=xattrs)
+                node = node_from_stat(name, path, _stat_result(t), owners, xattrs=xattrs)
                 node.size = length
                 node.content = [next(ids)] if length else []
                 total += length
@@ -1439,6 +1447,16 @@ def _xattrs_of(prev: dict[str, Any]) -> list[tuple[str, bytes]] | None:
 
 def _abspath(path: bytes) -> str:
     return go_clean(os.fsdecode(os.path.join(os.getcwdb(), path)))
+
+
+def _stat_result(t: tuple[int, ...]) -> os.stat_result:
+    """The os.stat_result of a stat tuple of vaultfs.ops._files: (mode, ino, dev, nlink, uid, gid, size,
+    atime_ns, mtime_ns, ctime_ns, rdev, blksize, blocks)."""
+    (a, a_ns), (m, m_ns), (c, c_ns) = divmod(t[7], 10**9), divmod(t[8], 10**9), divmod(t[9], 10**9)
+    return os.stat_result(
+        (*t[:7], a, m, c, a + a_ns * 1e-9, m + m_ns * 1e-9, c + c_ns * 1e-9,
+         t[7], t[8], t[9], t[11], t[12], t[10])
+    )  # fmt: skip
 
 
 def _open_file(path: bytes) -> int:
