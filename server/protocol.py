@@ -45,6 +45,10 @@ log = logging.getLogger("vaultfs.server")
 
 MAX_HEAD = 16 * 1024
 RECEIVE_SIZE = 1 << 20
+#: Reads while waiting for a request head: enough for a head (MAX_HEAD) and a few pipelined small
+#: requests, small enough that little of an upload body that follows its head lands in h11's buffer
+#: (from where it is copied twice more) rather than in the application's own buffer.
+HEAD_RECEIVE = 64 * 1024
 DRAIN_LIMIT = 1 << 20
 SMALL_WRITE = 64 * 1024
 #: A worker thread that pumps a body gives the wait back to the event loop when the socket stays empty
@@ -239,10 +243,10 @@ class HttpConnection:
 
     # -- I/O -------------------------------------------------------------------------------------
 
-    async def _receive(self, timeout: float) -> bytes:
+    async def _receive(self, timeout: float, size: int = RECEIVE_SIZE) -> bytes:
         with trio.move_on_after(timeout):
             try:
-                return await self.stream.receive_some(RECEIVE_SIZE)
+                return await self.stream.receive_some(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return b""
         raise ClientGone("timed out waiting for the client")
@@ -447,7 +451,7 @@ class HttpConnection:
                 with trio.CancelScope() as scope:
                     self.lifecycle.idle.add(scope)
                     try:
-                        data = await self._receive(self.keepalive_timeout)
+                        data = await self._receive(self.keepalive_timeout, HEAD_RECEIVE)
                     except ClientGone:
                         return None
                     finally:
@@ -456,7 +460,7 @@ class HttpConnection:
                     return None
             else:
                 try:
-                    data = await self._receive(self.read_timeout)
+                    data = await self._receive(self.read_timeout, HEAD_RECEIVE)
                 except ClientGone:
                     return None
             first = False
