@@ -416,10 +416,16 @@ def test_names_that_are_not_utf8(tmp_path):
     assert stat.S_ISREG(os.lstat(raw).st_mode)
 
 
-def test_batched_c_reads_record_what_the_python_path_records(tmp_path, monkeypatch):
+@pytest.mark.parametrize("room", ["enough", "short"])
+def test_batched_c_reads_record_what_the_python_path_records(tmp_path, monkeypatch, room):
     """Small files go through vaultfs.ops._files in batches; the snapshot must be byte for byte the one
-    the file-by-file Python path makes (same trees, so the same root tree ID)."""
+    the file-by-file Python path makes (same trees, so the same root tree ID). With a batch buffer too
+    short for most files (as when files grow after the folder was listed) those come back open and
+    take the chunking path: the same trees again."""
     import vaultfs.ops.backup as backup_module
+
+    if room == "short":
+        monkeypatch.setattr(backup_module, "BATCH_BUFFER", 6000)
 
     root = tmp_path / "many"
     for d in range(3):
@@ -440,9 +446,13 @@ def test_batched_c_reads_record_what_the_python_path_records(tmp_path, monkeypat
         pytest.skip("vaultfs.ops._files not built")
     calls = []
 
+    statuses = []
+
     def counting(*args):
         calls.append(len(args[0]))
-        return real(*args)
+        results = real(*args)
+        statuses.extend(r[0] for r in results)
+        return results
 
     trees = []
     for reader in (counting, None):
@@ -456,3 +466,4 @@ def test_batched_c_reads_record_what_the_python_path_records(tmp_path, monkeypat
         trees.append(many.subtree)
     assert sum(calls) == 3 * 70 + 1 and len(calls) > 3  # batches, not one file per call
     assert trees[0] is not None and trees[0] == trees[1]
+    assert (1 in statuses) == (room == "short")  # 1: handed back open, chunked
