@@ -313,12 +313,12 @@ class BucketServer:
             return text(507, "insufficient storage: the bucket's quota is exhausted")
         upload: Upload | None = None
         committed = False
-        buffer = self.buffers.take()
+        buffers = (self.buffers.take(), self.buffers.take())
         self.metrics.uploads += 1
         try:
             try:
                 upload = await self._thread(
-                    self.storage.begin_upload_sync, bucket.name, kind, name, size, buffer
+                    self.storage.begin_upload_sync, bucket.name, kind, name, size, buffers
                 )
             except ObjectExists:
                 return text(403, "forbidden: the object exists already")
@@ -345,7 +345,8 @@ class BucketServer:
             if upload is not None and not committed:
                 with trio.CancelScope(shield=True):
                     await self._thread(upload.abort_sync)
-            self.buffers.give(buffer)  # every worker call using it has returned by now
+            for buffer in buffers:  # every write into them has returned by now
+                self.buffers.give(buffer)
             self.metrics.uploads -= 1  # last: "no uploads" must mean no temp files either
 
     async def _receive_into(self, request: Request, upload: Upload) -> None:

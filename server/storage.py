@@ -13,7 +13,7 @@ Uploads are written to ``<name>-tmp-<random>`` beside their final place (the loc
 listings and `vault verify` treat them alike), hashed while written, fsynced, made read-only and linked
 into place only if no volume holds that name yet: the link is the no-overwrite guarantee, a folder fsync
 makes it durable. An upload of at least one buffer (1 MiB) is written with O_DIRECT, a whole aligned
-buffer at a time, its tail through the page cache: the bytes go from the buffer they were received into
+buffer at a time (by a writer thread, while the next buffer fills), its tail through the page cache: the bytes go from the buffer they were received into
 straight to the disk, without a copy into fresh page-cache pages (the largest share of the server's CPU
 per uploaded byte besides the hash) and without writeback work later; the fsync still makes it durable.
 
@@ -33,6 +33,7 @@ import secrets
 import shutil
 import stat
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vaultfs.backend.local import TEMP_MARK, preallocate, start_writeback
@@ -98,33 +99,47 @@ def upload_buffer() -> mmap.mmap:
     return mmap.mmap(-1, UPLOAD_BUFFER)
 
 
+#: Writes full O_DIRECT buffers while the upload's thread receives into its other buffer (a direct
+#: write waits for the disk). Threads start on first use.
+_WRITER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vault-upload-write")
+
+
 class Upload:
-    """One upload in progress: a temp file that is hashed while written. Not thread-safe; one owner.
+    """One upload in progress: a temp file that is hashed while written. One owner thread at a time.
 
     The body arrives either as pieces (``write_one_sync``) or straight into the upload's buffer
     (``space``, then ``filled_sync``: no copy between the socket and the disk). With O_DIRECT
-    (``direct``) the buffer is written when full and its rest by ``finish_sync``; otherwise each
-    piece is written as it comes.
+    (``direct``) a full buffer is written by a writer thread while the body goes on into the other
+    buffer (at most one write in flight, so the file grows in order), the rest by ``finish_sync``;
+    otherwise each piece is written as it comes.
     """
 
     #: False once a file system refused O_DIRECT: later uploads write through the page cache.
     direct_ok = True
 
     def __init__(
-        self, bucket_dir: str, kind: str, name: str, size: int = 0, buffer: mmap.mmap | None = None
+        self,
+        bucket_dir: str,
+        kind: str,
+        name: str,
+        size: int = 0,
+        buffers: tuple[mmap.mmap, mmap.mmap] | None = None,
     ) -> None:
-        """``size``: the announced length, preallocated when known (0: unknown). ``buffer``: from
-        ``upload_buffer`` (the caller keeps it until the upload is finished or aborted); O_DIRECT
-        is used when one is given and the announced body fills it at least once."""
+        """``size``: the announced length, preallocated when known (0: unknown). ``buffers``: two
+        from ``upload_buffer`` (the caller keeps them until the upload is finished or aborted);
+        O_DIRECT is used when they are given and the announced body fills one at least once."""
         self.final = os.path.join(bucket_dir, object_path(kind, name))
         self.folder = os.path.dirname(self.final)
         self.tmp = f"{self.final}{TEMP_MARK}{secrets.token_hex(8)}"
         self.size = 0
         self._written_back = 0
         self.hash = hashlib.sha256()
-        self._buffer = memoryview(buffer if buffer is not None else bytearray(64 << 10))
+        self._buffers = [memoryview(b) for b in buffers or (bytearray(64 << 10),)]
+        self._buffer = self._buffers[0]
         self._filled = 0  # bytes of the buffer waiting for an O_DIRECT write
-        self.direct = buffer is not None and size >= len(self._buffer) and Upload.direct_ok
+        self._pending: Future[None] | None = None  # the write of the other buffer
+        self.direct = buffers is not None and size >= len(self._buffer) and Upload.direct_ok
+        self._fd_direct = self.direct  # whether the descriptor still has O_DIRECT
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             try:
@@ -148,7 +163,8 @@ class Upload:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                Upload.direct_ok = self.direct = False  # this file system has no O_DIRECT
+                # This file system has no O_DIRECT.
+                Upload.direct_ok = self.direct = self._fd_direct = False
         return os.open(self.tmp, flags, 0o600)
 
     def write_sync(self, pieces: list[bytes | memoryview]) -> None:
@@ -175,7 +191,7 @@ class Upload:
 
     def filled_sync(self, n: int) -> None:
         """``n`` bytes were put at the start of the last ``space()``: hash them (while they are in
-        the CPU cache) and write them, or with O_DIRECT the buffer once it is full."""
+        the CPU cache) and write them, or with O_DIRECT hand the buffer to a writer once it is full."""
         piece = self._buffer[self._filled : self._filled + n]
         self.hash.update(piece)
         if not self.direct:
@@ -183,8 +199,16 @@ class Upload:
             return
         self._filled += n
         if self._filled == len(self._buffer):
-            self._filled = 0
-            self._write_sync(self._buffer)
+            self._wait_sync()  # the other buffer is free again
+            self._pending = _WRITER.submit(self._write_sync, self._buffer)
+            self._buffers.reverse()
+            self._buffer, self._filled = self._buffers[0], 0
+
+    def _wait_sync(self) -> None:
+        """Wait for the write in flight; raises what it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _write_sync(self, piece: bytes | memoryview) -> None:
         """Append ``piece``; writeback starts for each WRITEBACK_STEP written through the cache."""
@@ -194,34 +218,36 @@ class Upload:
                 try:
                     n = os.write(self.fd, view)
                 except OSError as exc:
-                    if exc.errno != errno.EINVAL or not self.direct:
+                    if exc.errno != errno.EINVAL or not self._fd_direct:
                         raise
                     # The file system took O_DIRECT at open but refuses the write: carry on (and
                     # go on later) through the page cache.
                     Upload.direct_ok = False
-                    self._buffered()
+                    self._leave_direct()
                     continue
                 view = view[n:]
             self.size += len(piece)
-            if not self.direct and self.size - self._written_back >= WRITEBACK_STEP:
+            if not self._fd_direct and self.size - self._written_back >= WRITEBACK_STEP:
                 start_writeback(self.fd, self._written_back, self.size - self._written_back)
                 self._written_back = self.size
         except OSError as exc:
             raise _oserror("write upload", exc) from None
 
-    def _buffered(self) -> None:
-        """Leave O_DIRECT: from now on every piece is written through the page cache as it comes."""
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        self.direct = False
-        self._written_back = self.size
+    def _leave_direct(self) -> None:
+        """Drop O_DIRECT from the descriptor: later writes go through the page cache."""
+        if self._fd_direct:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self._fd_direct = False
+            self._written_back = self.size
 
     def finish_sync(self) -> None:
-        """Write what the buffer still holds, fsync and close the temp file and make it read-only
+        """Write what the buffers still hold, fsync and close the temp file and make it read-only
         (before the commit)."""
+        self._wait_sync()
         try:
             if self.direct:
                 tail, self._filled = self._buffer[: self._filled], 0
-                self._buffered()  # a tail shorter than a block cannot be written directly
+                self._leave_direct()  # a tail shorter than a block cannot be written directly
                 if tail:
                     self._write_sync(tail)
             os.fsync(self.fd)
@@ -233,6 +259,10 @@ class Upload:
 
     def abort_sync(self) -> None:
         """Remove the temp file; safe to call more than once and after a commit."""
+        try:
+            self._wait_sync()  # never close the descriptor under a write in flight
+        except Exception:  # noqa: BLE001 - the upload is being dropped; its failure was answered
+            pass
         if self.open:
             self.open = False
             try:
@@ -483,14 +513,19 @@ class Storage:
         return best
 
     def begin_upload_sync(
-        self, bucket: str, kind: str, name: str, size: int, buffer: mmap.mmap | None = None
+        self,
+        bucket: str,
+        kind: str,
+        name: str,
+        size: int,
+        buffers: tuple[mmap.mmap, mmap.mmap] | None = None,
     ) -> Upload:
-        """A new upload (``buffer``: see ``Upload``); ObjectExists if some volume holds the object
+        """A new upload (``buffers``: see ``Upload``); ObjectExists if some volume holds the object
         already (an early answer only: the commit checks again)."""
         if self.stat_sync(bucket, kind, name) is not None:
             raise ObjectExists(object_path(kind, name))
         volume = self.pick_volume_sync(size)
-        return Upload(os.path.join(volume, bucket), kind, name, size, buffer)
+        return Upload(os.path.join(volume, bucket), kind, name, size, buffers)
 
     def finish_commit_sync(self, bucket: str, kind: str, name: str, upload: Upload) -> None:
         """``upload.finish_sync`` then ``commit_sync`` in one worker-thread call (one hand-off less

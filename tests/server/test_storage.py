@@ -36,6 +36,10 @@ def feed_through_space(upload: Upload, data: bytes, step: int) -> None:
         view = view[n:]
 
 
+def buffers() -> tuple:
+    return upload_buffer(), upload_buffer()
+
+
 def store(tmp_path, data: bytes, how: str, buffer=None) -> tuple[Storage, Upload, str]:
     storage = Storage([str(tmp_path / "vol")])
     storage.make_volumes_sync()
@@ -58,7 +62,7 @@ def store(tmp_path, data: bytes, how: str, buffer=None) -> tuple[Storage, Upload
 )
 def test_upload_keeps_every_byte(tmp_path, size, how):
     data = os.urandom(size)
-    storage, upload, started_direct = store(tmp_path, data, how, upload_buffer())
+    storage, upload, started_direct = store(tmp_path, data, how, buffers())
     expect_direct = size >= UPLOAD_BUFFER and supports_direct(str(tmp_path))
     assert started_direct == str(expect_direct)
     name = hashlib.sha256(data).hexdigest()
@@ -86,20 +90,20 @@ def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(tmp_path, m
     monkeypatch.setattr(storage_module.os, "write", write)
     monkeypatch.setattr(Upload, "direct_ok", True)
     data = os.urandom(2 * UPLOAD_BUFFER + 99)
-    _storage, upload, started_direct = store(tmp_path, data, "space", upload_buffer())
+    _storage, upload, started_direct = store(tmp_path, data, "space", buffers())
     assert started_direct == "True" and refused == [UPLOAD_BUFFER]
-    assert not Upload.direct_ok and not upload.direct
+    assert not Upload.direct_ok
     name = hashlib.sha256(data).hexdigest()
     assert (tmp_path / "vol" / "bk" / "data" / name[:2] / name).read_bytes() == data
     again = os.urandom(UPLOAD_BUFFER + 5)
-    _storage, _upload, started_direct = store(tmp_path, again, "space", upload_buffer())
+    _storage, _upload, started_direct = store(tmp_path, again, "space", buffers())
     assert started_direct == "False" and refused == [UPLOAD_BUFFER]
 
 
 def test_aborted_direct_upload_leaves_nothing(tmp_path):
     storage = Storage([str(tmp_path / "vol")])
     storage.make_volumes_sync()
-    upload = storage.begin_upload_sync("bk", "data", "ab" * 32, 5 * UPLOAD_BUFFER, upload_buffer())
-    feed_through_space(upload, os.urandom(UPLOAD_BUFFER + 10), 65_536)
+    upload = storage.begin_upload_sync("bk", "data", "ab" * 32, 5 * UPLOAD_BUFFER, buffers())
+    feed_through_space(upload, os.urandom(2 * UPLOAD_BUFFER + 10), 65_536)  # a write in flight
     upload.abort_sync()
     assert list((tmp_path / "vol" / "bk" / "data" / "ab").iterdir()) == []
