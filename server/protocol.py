@@ -275,7 +275,20 @@ class HttpConnection:
             self._out.clear()
             await self._write(data)
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes | memoryview) -> None:
+        if self.socket_fd is not None:
+            # Plain TCP: hand the bytes to the socket at once; a response that fits (nearly every
+            # one) needs no trip through the event loop. Each request cycle still yields to other
+            # tasks while its next head is received.
+            try:
+                sent = os.write(self.socket_fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise ClientGone(f"send failed: {exc}") from None
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         with trio.move_on_after(self.read_timeout):
             try:
                 await self.stream.send_all(data)
