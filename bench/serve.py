@@ -7,7 +7,8 @@ Rows:
 * restic backup of the dataset to a fresh repository through each server (restic does the chunking,
   encryption and uploads; the server receives ~dataset-size of packs); the two servers take turns run by
   run (alternating which goes first) so a change in the machine's load hits both alike, and the server
-  process's own CPU time (user+sys) is shown beside the wall time;
+  process's own CPU time (user+sys) is shown beside the wall time; restic backup to a local folder takes
+  its turn too, as the floor (restic alone: how much of the time any server adds);
 * restic check --read-data through each server (downloads everything);
 * raw HTTP: one 64 MiB upload and download, and 1,000 small range reads, with httpx;
 * vault backup of the dataset through `vault serve` and to a local folder.
@@ -120,18 +121,21 @@ def with_creds(url: str, user: str, psk: str) -> str:
 
 def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
     """Best wall time and best server CPU time of restic backup and check through each server."""
-    servers = ["vault serve", "rclone serve restic"]
+    servers = ["vault serve", "rclone serve restic", "local folder"]
     results = {s: {k: float("inf") for k in ("backup", "check", "backup cpu", "check cpu")}
                for s in servers}  # fmt: skip
     for run in range(runs):
         for server in servers if run % 2 == 0 else servers[::-1]:
             data = work / f"{server.split()[0]}-{run}"
+            proc: Proc | None = None
             if server == "vault serve":
                 proc, url, psk = vault_serve(data)
                 repo = "rest:" + with_creds(url, "bench", psk)
-            else:
+            elif server == "rclone serve restic":
                 proc, url = rclone_serve(data)
                 repo = "rest:" + url
+            else:
+                repo = str(data)
             cache = work / "restic-cache"
             env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(cache)}
             best = results[server]
@@ -142,14 +146,17 @@ def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, flo
                     ("backup", ["restic", "-r", repo, "backup", "-q", "."], dataset),
                     ("check", ["restic", "-r", repo, "check", "--read-data"], None),
                 ):
+                    if job == "check" and proc is None:
+                        continue  # the local folder is the floor of the backup row only
                     if job == "check":
                         shutil.rmtree(cache, ignore_errors=True)
-                    before = cpu_seconds(proc.proc.pid)
+                    before = cpu_seconds(proc.proc.pid) if proc is not None else 0.0
                     best[job] = min(best[job], timed(cmd, env, cwd=cwd))
-                    best[f"{job} cpu"] = min(best[f"{job} cpu"],
-                                             cpu_seconds(proc.proc.pid) - before)  # fmt: skip
+                    after = cpu_seconds(proc.proc.pid) if proc is not None else 0.0
+                    best[f"{job} cpu"] = min(best[f"{job} cpu"], after - before)
             finally:
-                proc.stop()
+                if proc is not None:
+                    proc.stop()
                 shutil.rmtree(cache, ignore_errors=True)
                 shutil.rmtree(data, ignore_errors=True)
     return results
@@ -257,6 +264,8 @@ def main() -> None:
     ):
         a, b = raw["vault serve"][key], raw["rclone serve restic"][key]
         print(f"| {label} | {a:.0f} {unit} | {b:.0f} {unit} |")
+    floor = restic["local folder"]["backup"]
+    print(f"\nrestic backup to a local folder (no server): {floor:.1f} s ({size / floor:.0f} MB/s)")
     print("\n| vault backup to | time |")
     print("|---|---|")
     for target, seconds in mine.items():
