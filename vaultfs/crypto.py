@@ -19,9 +19,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
-from cryptography.hazmat.primitives.poly1305 import Poly1305
+from typing import TYPE_CHECKING
 
 from vaultfs.errors import FormatError, IntegrityError
 
@@ -31,6 +29,9 @@ try:
     NATIVE = _blob.available()
 except ImportError:  # the C extension is not built: the pure-Python path does the same
     NATIVE = False
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext
 
 NONCE_SIZE = 16
 TAG_SIZE = 16
@@ -90,13 +91,19 @@ class MasterKey:
     # -- sealing -------------------------------------------------------------------------------
 
     def _tag(self, nonce: bytes, ciphertext: bytes | memoryview) -> bytes:
-        enc = Cipher(algorithms.AES(self.mac_k), modes.ECB()).encryptor()
+        from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+        enc = _aes(self.mac_k).encryptor()
         s = enc.update(nonce) + enc.finalize()
         # cryptography's Poly1305 clamps r itself, as restic's readers must.
         return Poly1305.generate_tag(self.mac_r + s, ciphertext)
 
     def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """Encrypt and authenticate: nonce || ciphertext || tag."""
+        if NATIVE:
+            sealed = bytearray(len(plaintext) + OVERHEAD)
+            _blob.seal_into(self.raw, sealed, plaintext)
+            return bytes(sealed)
         nonce = os.urandom(NONCE_SIZE)
         while not any(nonce):  # restic rejects a zero nonce
             nonce = os.urandom(NONCE_SIZE)
@@ -104,7 +111,7 @@ class MasterKey:
         out = bytearray(NONCE_SIZE + n + TAG_SIZE + 15)
         out[:NONCE_SIZE] = nonce
         view = memoryview(out)
-        enc = Cipher(algorithms.AES(self.encrypt), modes.CTR(nonce)).encryptor()
+        enc = _aes(self.encrypt, nonce).encryptor()
         # update_into a preallocated buffer releases the GIL; update() would allocate with it held.
         enc.update_into(plaintext, view[NONCE_SIZE : NONCE_SIZE + n + 15])
         tag = self._tag(nonce, view[NONCE_SIZE : NONCE_SIZE + n])
@@ -150,6 +157,11 @@ class MasterKey:
         n = len(sealed) - OVERHEAD
         if n < 0:
             raise FormatError(f"{what} is too short to be encrypted data ({len(sealed)} bytes)")
+        if NATIVE:
+            plain = bytearray(n)
+            if not _blob.open_into(self.raw, plain, sealed):
+                raise IntegrityError(f"{what} failed authentication (corrupt data or wrong key)")
+            return bytes(plain)
         view = memoryview(sealed)
         nonce = bytes(view[:NONCE_SIZE])
         ciphertext = view[NONCE_SIZE : NONCE_SIZE + n]
@@ -157,7 +169,7 @@ class MasterKey:
         if not hmac.compare_digest(expected, bytes(view[NONCE_SIZE + n :])):
             raise IntegrityError(f"{what} failed authentication (corrupt data or wrong key)")
         out = bytearray(n + 15)
-        dec = Cipher(algorithms.AES(self.encrypt), modes.CTR(nonce)).decryptor()
+        dec = _aes(self.encrypt, nonce).decryptor()
         dec.update_into(ciphertext, out)
         del out[n:]
         return bytes(out)
@@ -175,7 +187,15 @@ class MasterKey:
         nonce, body, tag = bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:-TAG_SIZE], view[-TAG_SIZE:]
         if not hmac.compare_digest(self._tag(nonce, body), bytes(tag)):
             raise IntegrityError(f"{what} failed authentication (corrupt data or wrong key)")
-        return body, Cipher(algorithms.AES(self.encrypt), modes.CTR(nonce)).decryptor()
+        return body, _aes(self.encrypt, nonce).decryptor()
+
+
+def _aes(key: bytes, nonce: bytes | None = None) -> Cipher:
+    """cryptography's AES, in CTR mode from ``nonce`` or else ECB. Imported on first use: with the C
+    part, opening and sealing need no cryptography at all, and its import alone costs ~7 MB."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    return Cipher(algorithms.AES(key), modes.ECB() if nonce is None else modes.CTR(nonce))
 
 
 def scrypt(password: bytes, salt: bytes, n: int, r: int, p: int) -> MasterKey:

@@ -80,6 +80,23 @@ def test_master_key_into_methods_agree_with_and_without_the_c_part(monkeypatch):
             KEY.open_into(back, out, "blob X")
 
 
+def test_master_key_seal_and_open_agree_with_and_without_the_c_part(monkeypatch):
+    plain = os.urandom(5000)
+    sealed = {}
+    for native in {crypto.NATIVE, False}:
+        monkeypatch.setattr(crypto, "NATIVE", native)
+        sealed[native] = KEY.seal(plain)
+        assert len(sealed[native]) == len(plain) + OVERHEAD
+    for native in {crypto.NATIVE, False}:
+        monkeypatch.setattr(crypto, "NATIVE", native)
+        for other in sealed.values():
+            assert KEY.open(other) == plain
+            damaged = bytearray(other)
+            damaged[-1] ^= 1
+            with pytest.raises(IntegrityError, match="blob X failed authentication"):
+                KEY.open(bytes(damaged), "blob X")
+
+
 @needs_native
 def test_the_batch_functions_match_one_blob_at_a_time():
     """sha256_spans, Codec.compress_spans and seal_many give what hashlib, zstandard and the Python

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -644,3 +645,22 @@ def test_restore_as_an_ordinary_user(tmp_path):
         assert os.stat(target / "owned").st_uid == NOBODY
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not restore_mod.NATIVE, reason="built without the C part")
+def test_restore_with_the_c_part_loads_no_cryptography(sample, tmp_path):
+    """Opening the vault, reading its index, trees and snapshots and writing the lock all take the C
+    part, so cryptography (~7 MB resident once imported) stays unloaded."""
+    b, snap_id, _nodes = sample
+    probe = (
+        "import sys\n"
+        "from vaultfs.tools.main import main\n"
+        f"code = main(['-r', {b.repo.backend.root!r}, 'restore', '-q', {snap_id!r},"
+        f" '-t', {str(tmp_path / 'out')!r}])\n"
+        "print(code, 'cryptography' in sys.modules, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "VAULT_PASSWORD": "pw"}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.stderr.strip().splitlines()[-1] == "0 False", proc.stderr
