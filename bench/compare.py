@@ -201,6 +201,19 @@ def render(
     return "\n".join(lines)
 
 
+def compile_bytecode() -> None:
+    """Bring the checkout's bytecode up to date, as an installed package has it: an editable install
+    run with PYTHONDONTWRITEBYTECODE set would otherwise compile every module it imports in every
+    timed run (~0.1 s a command), a cost no installed vaultfs pays."""
+    root = HERE.parent
+    subprocess.run(
+        [VAULT[0], "-m", "compileall", "-q", "-j", "0", "vaultfs", "tools", "server"],
+        cwd=root,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def main(argv: Sequence[str] | None = None, scenarios: list | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,6 +235,7 @@ def main(argv: Sequence[str] | None = None, scenarios: list | None = None) -> in
         shown = [n for n, _f, _t in scenarios if any(n.startswith(o) for o in args.only)]
     else:
         shown = [n for n, _f, _t in scenarios]
+    compile_bytecode()
     work = args.work or Path(tempfile.mkdtemp(prefix="vaultfs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
