@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
-from vaultfs.errors import UsageError
-from vaultfs.format.snapshot import Snapshot
+from vaultfs.errors import UsageError, VaultError
 from vaultfs.ops.restore import (
     DEFAULT_WORKERS,
     RestoreReport,
@@ -42,10 +41,10 @@ from vaultfs.ops.restore import (
     prepare_target,
     restore,
 )
+from vaultfs.repo.locks import HeldLock
 from vaultfs.tools.common import (
     Output,
     add_snapshot_filters,
-    locked,
     open_repository,
 )
 
@@ -122,41 +121,67 @@ def run(args: argparse.Namespace, out: Output) -> int:
     Selector(args.include, args.exclude)  # bad patterns are usage errors before any work
     repo = open_repository(args)
 
-    def prepare() -> tuple[str, Snapshot]:
+    # restore only reads the vault, and every block it writes is checked against its ID, so it does
+    # not wait for the lock's second check (restic's protocol: 200 ms, for a racing process to become
+    # visible): the index loads and the restore starts meanwhile, and a conflict that check finds stops
+    # the restore at its next progress report with the usual message. A prune that started at the same
+    # time sees this lock at its own second check and stops before deleting anything.
+    lock = repo.locks.acquire_unconfirmed(exclusive=False)
+    with lock:
         repo.load_index()
-        return repo.find_snapshot(spec, hosts=args.host, tags=args.tag, paths=args.path)
+        snap_id, snap = repo.find_snapshot(spec, hosts=args.host, tags=args.tag, paths=args.path)
+        repo.find_path(snap.tree, subpath)  # a missing PATH fails before anything is written
+        prepare_target(args.target, args.dry_run)
+        what = f"snapshot {snap_id[:8]}" + (f":{subpath}" if subpath else "")
+        verb = "would restore" if args.dry_run else "restoring"
+        out.note(f"{verb} {what} of {', '.join(snap.paths)} at {snap.time} to {args.target}")
+        confirm = _Confirm(lock)
+        with out.progress("restoring", None, unit="bytes") as bar:
 
-    # Taking the lock includes a fixed wait (a racing process must become visible); the index loads
-    # meanwhile. Reading the index before the lock is held is safe: a prune would hold an exclusive
-    # lock, which makes our lock fail.
-    with ThreadPoolExecutor(1) as early:
-        prepared = early.submit(prepare)
-        with locked(repo):
-            snap_id, snap = prepared.result()
-            repo.find_path(snap.tree, subpath)  # a missing PATH fails before anything is written
-            prepare_target(args.target, args.dry_run)
-            what = f"snapshot {snap_id[:8]}" + (f":{subpath}" if subpath else "")
-            verb = "would restore" if args.dry_run else "restoring"
-            out.note(f"{verb} {what} of {', '.join(snap.paths)} at {snap.time} to {args.target}")
-            with out.progress("restoring", None, unit="bytes") as bar:
+            def progress(done: int, total: int) -> None:
+                confirm(wait=False)
+                bar.update(completed=done, total=total)
 
-                def progress(done: int, total: int) -> None:
-                    bar.update(completed=done, total=total)
-
-                report = restore(
-                    repo,
-                    snap_id,
-                    args.target,
-                    subpath=subpath,
-                    include=args.include,
-                    exclude=args.exclude,
-                    overwrite=args.overwrite,
-                    dry_run=args.dry_run,
-                    progress=progress,
-                    workers=args.workers,
-                )
+            report = restore(
+                repo,
+                snap_id,
+                args.target,
+                subpath=subpath,
+                include=args.include,
+                exclude=args.exclude,
+                overwrite=args.overwrite,
+                dry_run=args.dry_run,
+                progress=progress,
+                workers=args.workers,
+            )
+        confirm(wait=True)
     _render(report, out)
     return 0 if report.ok else 1
+
+
+class _Confirm:
+    """``HeldLock.confirm`` for the restore's threads: the second check's outcome is asked for once it
+    is known (a conflict raises VaultLocked, in every thread that asks from then on)."""
+
+    def __init__(self, lock: HeldLock) -> None:
+        self._lock = lock
+        self._mutex = threading.Lock()
+        self._done = False
+        self._error: VaultError | None = None
+
+    def __call__(self, wait: bool) -> None:
+        if self._done:
+            return
+        with self._mutex:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return
+            try:
+                self._done = self._lock.confirm(wait=wait)
+            except VaultError as exc:
+                self._error = exc
+                raise
 
 
 def _render(report: RestoreReport, out: Output) -> None:

@@ -10,15 +10,18 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.env import env_for
 from tests.tools.cli import one_line_error, vault
 from vaultfs.backend import LocalBackend
 from vaultfs.errors import NotFoundError, UsageError, VaultError
 from vaultfs.format.gojson import GoTime
+from vaultfs.format.lock import Lock
 from vaultfs.format.pack import DATA
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import (
@@ -576,6 +579,36 @@ def test_cli_errors_for_damaged_data_print_the_file(tmp_path):
     res = vault("-r", b.repo.backend.root, "restore", snap_id, "-t", tmp_path / "out", expect=1)
     assert "error: /victim: content lost" in res.err and node.content[0].hex() in res.err
     assert (tmp_path / "out" / "fine").read_bytes() == b"fine"
+
+
+def test_cli_restore_stops_when_the_locks_second_check_finds_a_conflict(tmp_path):
+    """restore starts without waiting for its lock's second check (200 ms later). An exclusive lock
+    that appears before that check (a racing process) stops it with exit 11 and the usual message;
+    its own lock is removed."""
+    b = VaultBuilder(tmp_path / "vault")
+    snap_id = b.snapshot([b.file(f"f{i}", [os.urandom(2000)]) for i in range(50)])
+    locks = Path(b.repo.backend.root) / "locks"
+    elsewhere = _reopen(b.repo)  # the racing process, ready before the restore starts
+    other = Lock(GoTime.now(), True, "another-host", "someone", 4242).encode()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaultfs.tools.main", "-r", b.repo.backend.root, "restore"]
+        + [snap_id, "-t", str(tmp_path / "out")],
+        env=env_for("pw"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not os.listdir(locks):  # restore's lock: the second check is due 200 ms from now
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.001)
+    other_name = elsewhere.save_unpacked("locks", other)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 11, err
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert lines[0].startswith("restoring snapshot"), err  # the note: the restore had begun
+    assert len(lines) == 2 and lines[1].startswith("vault: error: the vault is locked"), err
+    assert "another-host" in lines[1] and "vault unlock" in lines[1]
+    assert os.listdir(locks) == [other_name]
 
 
 NOBODY = 65534
