@@ -116,8 +116,13 @@ class Bench:
 
 
 def first_backup(b: Bench) -> tuple[Measurement, Measurement]:
+    # The previous round's repositories are moved aside, not deleted (the work folder goes at the end):
+    # freed inodes would make the restore of this round pay for them (see restore()).
+    aside = b.work / "previous" / str(b.round)
+    aside.mkdir(parents=True, exist_ok=True)
     for path in (b.vault_repo, b.restic_repo, b.work / "vault-cache", b.work / "restic-cache"):
-        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            path.rename(aside / path.name)
     b.run([*VAULT, "-r", str(b.vault_repo), "init", "--repository-version", "2"])
     b.run([b.restic_binary, "-r", str(b.restic_repo), "init", "--repository-version", "2"])
     _sync()
@@ -136,8 +141,9 @@ def changed_backup(b: Bench) -> tuple[Measurement, Measurement]:
 
 def restore(b: Bench) -> tuple[Measurement, Measurement]:
     # Fresh target folders every round, removed only with the work folder: on ext4 (above all without
-    # a journal) creating files soon after many were deleted makes the kernel scan past the freed
-    # inodes, which cost whichever tool restored right after a deletion several CPU-seconds.
+    # a journal, as here) creating files within a minute or so of many deletions makes the kernel scan
+    # past the freed inodes (recently_deleted), which cost whichever tool restored then several
+    # CPU-seconds. For the same reason, run the benchmark a few minutes after deleting many files.
     vt, rt = b.work / f"restore-vault-{b.round}", b.work / f"restore-restic-{b.round}"
     _sync()
     return b.both(
