@@ -37,7 +37,9 @@ cannot be created or written, or a full disk, raises a VaultError.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import gc
 import hashlib
 import mmap
@@ -90,6 +92,13 @@ BATCH_BLOBS = 2048
 PREFETCH_TREES = 64
 #: The progress callback is called after at least this many more bytes (and at the end).
 PROGRESS_STEP = 1024 * 1024
+#: A chunk of a file the walk created (one of several chunks) with at least this many bytes is written
+#: with O_DIRECT: its plaintext is decoded at the file offset's alignment in the worker's buffer, the
+#: whole blocks go straight to the disk and only the partial blocks at its ends through the page cache.
+#: Copying into freshly allocated page-cache pages costs more CPU than everything else a write does
+#: (1 GiB buffered into ext4 here: 0.5-1.4 CPU-seconds; with O_DIRECT 0.09).
+DIRECT_MIN = 256 * 1024
+_ALIGN = 4096
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _CREATE_FLAGS = _WRITE_FLAGS | os.O_CREAT | os.O_EXCL
@@ -283,18 +292,19 @@ class _Buffer:
     ``keep`` bytes, which a rare long blob makes resident and ``trim`` gives back. Requests larger than
     the mapping get a buffer of their own."""
 
-    SIZE = 9 * 1024 * 1024  # the largest chunk (8 MiB) and zstd's worst case for it
+    SIZE = 9 * 1024 * 1024 + _ALIGN  # the largest chunk (8 MiB), zstd's worst case for it, a shift
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self.map = mmap.mmap(-1, self.SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.reached = 0
 
-    def view(self, size: int) -> memoryview:
-        if size > self.SIZE:
+    def view(self, size: int, shift: int = 0) -> memoryview:
+        """``size`` bytes, starting ``shift`` bytes past a page boundary when they fit."""
+        if size + shift > self.SIZE:
             return memoryview(bytearray(size))
-        self.reached = max(self.reached, size)
-        return memoryview(self.map)[:size]
+        self.reached = max(self.reached, size + shift)
+        return memoryview(self.map)[shift : shift + size]
 
     def trim(self) -> None:
         if self.reached > self.keep:
@@ -739,7 +749,9 @@ class _Restorer:
                 )
                 covered = max(covered, b_end)
                 try:
-                    plain = self.decode(loc, view[loc.offset - start : b_end - start], alone)
+                    plain = self.decode(
+                        loc, view[loc.offset - start : b_end - start], alone, _direct_shift(blob)
+                    )
                 except VaultError as exc:
                     problem = exc
             if plain is None:
@@ -799,24 +811,29 @@ class _Restorer:
         return memoryview(self.repo.backend.read("data", pack_id.hex(), offset, length))
 
     def decode(
-        self, loc: BlobLocation, sealed: memoryview, in_place: bool = False
+        self,
+        loc: BlobLocation,
+        sealed: memoryview,
+        in_place: bool = False,
+        shift: int | None = None,
     ) -> bytes | memoryview:
         """``Repository.decode_blob`` into this thread's buffers (valid until its next call): with the
         C part, one GIL-free call checks the tag, decrypts, decompresses and hashes the blob, with no
         allocation. With ``in_place`` and a writable ``sealed``, the blob is decrypted over its own
         ciphertext (the tag is checked before anything is written; libcrypto's CTR takes the same
-        input and output)."""
+        input and output). With ``shift``, the plaintext starts that many bytes past a page boundary
+        (for an O_DIRECT write; not in place then)."""
         buffers = self.buffers()
         if buffers is None:
             return self.repo.decode_blob(loc, sealed)
         n = len(sealed) - OVERHEAD
-        in_place = in_place and n >= 0 and not sealed.readonly
+        size = loc.uncompressed_length
+        in_place = in_place and n >= 0 and not sealed.readonly and (shift is None or size != 0)
         if in_place:
             opened = sealed[NONCE_SIZE : NONCE_SIZE + n]
         else:
-            opened = self.opened_buffer().view(max(n, 0))
-        size = loc.uncompressed_length
-        plain = buffers["plain"].view(size) if size else opened
+            opened = self.opened_buffer().view(max(n, 0), shift or 0)
+        plain = buffers["plain"].view(size, shift or 0) if size else opened
         entry = _ENTRY.pack(0, len(sealed), size) + loc.blob_id
         status = self.local.codec.check_blobs(self.key_raw, sealed, entry, opened, plain)[0]
         if status == 0:
@@ -875,8 +892,15 @@ class _Restorer:
 
     def write(self, file: _File, data: bytes | memoryview, offset: int) -> None:
         """Write one chunk (``data`` empty for a lost one); the last chunk's writer applies metadata."""
+        done = 0  # bytes written with O_DIRECT (and the partial block before them)
+        if len(data) >= DIRECT_MIN and not file.create and _Direct.ok:
+            data, offset, done = self.write_direct(file, data, offset)
         # pending is 1 only for the last chunk still to be written (it only goes down)
-        if file.pending == 1 and _write_file is not None and self.write_last(file, data, offset):
+        if (
+            file.pending == 1
+            and _write_file is not None
+            and self.write_last(file, data, offset, done)
+        ):
             return
         if file.create:
             fd = self.create_file(file.path, file.location)
@@ -888,13 +912,13 @@ class _Restorer:
                 fd = os.open(file.path, _WRITE_FLAGS)
             except OSError as exc:
                 self.os_error(file.location, "open the file", exc)
-                self.chunk_done(file, 0)
+                self.chunk_done(file, done)
                 return
-        written = 0
+        written = done
         try:
             view = memoryview(data)
-            while written < len(view):
-                written += os.pwrite(fd, view[written:], offset + written)
+            while written - done < len(view):
+                written += os.pwrite(fd, view[written - done :], offset + written - done)
         except OSError as exc:
             self.os_error(file.location, "write the file", exc)
         finally:
@@ -904,7 +928,41 @@ class _Restorer:
             finally:
                 os.close(fd)
 
-    def write_last(self, file: _File, data: bytes | memoryview, offset: int) -> bool:
+    def write_direct(
+        self, file: _File, data: bytes | memoryview, offset: int
+    ) -> tuple[bytes | memoryview, int, int]:
+        """Write the whole blocks of a chunk with O_DIRECT and the partial block before them through the
+        page cache: (what is left to write, its offset, bytes written). Writes nothing when the data is
+        not placed for it (see ``decode``) or the file system refuses O_DIRECT (then never again); a
+        failure is left to the usual write, which reports it."""
+        start = -offset % _ALIGN  # the first whole block, in data
+        end = start + (len(data) - start) // _ALIGN * _ALIGN
+        if end - start < DIRECT_MIN // 2 or not _aligned_at(data, start):
+            return data, offset, 0
+        view = memoryview(data)
+        try:
+            fd = os.open(file.path, _WRITE_FLAGS | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                _Direct.ok = False  # this file system has no O_DIRECT
+            return data, offset, 0
+        try:
+            written = start
+            while written < end:
+                written += os.pwrite(fd, view[written:end], offset + written)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            done = 0
+            while done < start:
+                done += os.pwrite(fd, view[done:start], offset + done)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                _Direct.ok = False
+            return data, offset, 0  # the usual write goes over it all again, and reports
+        finally:
+            os.close(fd)
+        return view[end:], offset + end, end
+
+    def write_last(self, file: _File, data: bytes | memoryview, offset: int, done: int = 0) -> bool:
         """Open (or create), write and finish a file's last chunk in one GIL-free C call: six system calls
         that would each hand the GIL over. False when it is left to ``write``: nothing was opened, or the
         node has what only the Python path applies (extended attributes, a time the kernel cannot take)."""
@@ -931,13 +989,13 @@ class _Restorer:
         if file.create:
             self.count("files")
         if status == 0:
-            self.chunk_done(file, written)
+            self.chunk_done(file, done + written)
             return True
         # Created but not finished: the Python path takes over with the open file and reports.
         try:
             if status == 2:
                 self.os_error(file.location, "write the file", OSError(err, os.strerror(err)))
-            if self.chunk_done(file, written):
+            if self.chunk_done(file, done + written):
                 self.finish(fd, file.location, file.node)
         finally:
             os.close(fd)
@@ -969,6 +1027,29 @@ class _Restorer:
         for path, location, node in self.dirs_done:
             self.report.dirs += 1
             self.finish(path, location, node)
+
+
+class _Direct:
+    #: False once a file system refused O_DIRECT: every later chunk goes through the page cache.
+    ok = True
+
+
+def _direct_shift(blob: _Blob) -> int | None:
+    """Where a blob's plaintext should start past a page boundary so that its first target that may be
+    written with O_DIRECT (see ``DIRECT_MIN``) lines up with the file's blocks; None if none may."""
+    if not _Direct.ok or _plain_size(blob.loc) < DIRECT_MIN:
+        return None
+    for file, off in blob.targets:
+        if not file.create:
+            return off % _ALIGN
+    return None
+
+
+def _aligned_at(data: bytes | memoryview, index: int) -> bool:
+    """Whether ``data[index]`` sits on a page boundary (only a writable buffer can be written from)."""
+    if not isinstance(data, memoryview) or data.readonly:
+        return False
+    return (ctypes.addressof(ctypes.c_char.from_buffer(data)) + index) % _ALIGN == 0
 
 
 def _valid_name(name: str) -> bool:
