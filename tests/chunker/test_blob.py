@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -130,3 +131,39 @@ def test_the_batch_functions_match_one_blob_at_a_time():
         codec.compress_spans(bytearray(100), data, spans)
     with pytest.raises(ValueError):
         _blob.seal_many(KEY.raw, [(bytearray(10), b"abc")])
+
+
+@needs_native
+def test_restore_files_writes_checked_blobs_and_touches_nothing_else(tmp_path):
+    """Codec.restore_files: a right blob is written with its mode and times; a blob that fails its
+    check leaves its file alone; a file that is in the way is reported (status 1, errno)."""
+    import hashlib
+    import struct
+
+    codec = _blob.Codec()
+    plain = [os.urandom(1000), b"compressible " * 400, b"damaged", b"in the way"]
+    frames = [bytes(plain[0]), codec_frame(codec, plain[1]), plain[2], plain[3]]
+    sealed = [bytearray(KEY.seal(f)) for f in frames]
+    sealed[2][-1] ^= 1  # the tag no longer matches
+    data = b"".join(sealed)
+    table, offset = bytearray(), 0
+    for p, f, s in zip(plain, frames, sealed, strict=True):
+        ulen = len(p) if f is not p else 0
+        table += struct.pack("<QQQ", offset, len(s), ulen) + hashlib.sha256(p).digest()
+        offset += len(s)
+    (tmp_path / "d").write_bytes(b"old")  # a file in the way of an O_EXCL create
+    paths = [os.fsencode(tmp_path / n) for n in ("a", "b", "c", "d")]
+    mtime = 1_700_000_000_123_456_789
+    files = [(p, True, 0, -1, -1, 0o640, mtime - 5, mtime) for p in paths]
+    got = codec.restore_files(KEY.raw, data, bytes(table), bytearray(2000), bytearray(6000), files)
+    assert [(c, s) for c, s, _e, _w, _fd in got] == [(0, 0), (0, 0), (1, -1), (0, 1)]
+    assert got[0][3] == 1000 and got[3][2] == errno.EEXIST and got[0][4] == -1
+    st = os.stat(tmp_path / "b")  # before reading it: reading updates the access time
+    assert st.st_mtime_ns == mtime and st.st_atime_ns == mtime - 5 and st.st_mode & 0o777 == 0o640
+    assert (tmp_path / "a").read_bytes() == plain[0] and (tmp_path / "b").read_bytes() == plain[1]
+    assert not (tmp_path / "c").exists() and (tmp_path / "d").read_bytes() == b"old"
+
+
+def codec_frame(codec: _blob.Codec, data: bytes) -> bytes:
+    out = bytearray(codec.bound(len(data)))
+    return bytes(out[: codec.compress_into(out, data)])

@@ -481,7 +481,15 @@ def test_native_file_writes_match_the_python_path(sample, tmp_path, monkeypatch)
         calls.append(args[0])
         return native(*args)
 
+    batched: list[bytes] = []  # files of one chunk written by one call per range (restore_small)
+    files_done = restore_mod._Restorer.files_done
+
+    def recording(self, done):
+        batched.extend(file.path for file, _n in done)
+        return files_done(self, done)
+
     monkeypatch.setattr(restore_mod, "_write_file", counting)
+    monkeypatch.setattr(restore_mod._Restorer, "files_done", recording)
     native_report = restore(b.repo, snap_id, tmp_path / "native")
     monkeypatch.setattr(restore_mod, "_write_file", None)
     python_report = restore(b.repo, snap_id, tmp_path / "python")
@@ -492,10 +500,11 @@ def test_native_file_writes_match_the_python_path(sample, tmp_path, monkeypatch)
     }
     assert _tree_state(tmp_path / "native") == _tree_state(tmp_path / "python")
     # created by the worker (single chunk), opened for the last of several chunks, and a hardlink's
-    # first name all took the one-call path; the file with extended attributes did not
-    names = {os.path.basename(p) for p in calls}
+    # first name all took a one-call path; the file with extended attributes did not
+    names = {os.path.basename(p) for p in calls + batched}
     assert {b"deep", b"big", b"hl1", b"noaccess", b"setuid", b"owned"} <= names
     assert b"xattr" not in names
+    assert batched, "files of one chunk in one range are written by one call"
 
 
 def test_target_that_cannot_be_created_is_one_vault_error(sample, tmp_path):

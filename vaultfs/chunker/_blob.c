@@ -1,7 +1,8 @@
 /*
  * The per-blob hot path of backup and restore in C: zstd into a caller's buffer, and restic's seal
  * (FORMAT.md section 2.2: nonce || AES-256-CTR(plaintext) || Poly1305-AES tag) into a caller's buffer,
- * each in one call that releases the GIL.
+ * each in one call that releases the GIL; and for restore, checking a pack range's blobs and writing
+ * the files of one chunk each (Codec.restore_files), a whole range in one such call.
  *
  * Why here: done from Python, one blob costs a dozen calls (zstd, urandom, two cipher objects,
  * update_into, Poly1305, copies), each a GIL hand-off between the pipeline's threads, plus a fresh
@@ -16,9 +17,12 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* -- the library functions used, declared by hand (stable ABIs of OpenSSL 3 and zstd 1.x) -------- */
 
@@ -723,7 +727,6 @@ Codec_compress_spans(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
  * little-endian uint64 each, then the 32-byte blob ID. */
 #define ENTRY (3 * 8 + 32)
 
-enum { CHECK_OK, CHECK_AUTH, CHECK_SIZE, CHECK_RETRY, CHECK_HASH, CHECK_RANGE };
 
 static uint64_t
 le64(const unsigned char *p)
@@ -732,6 +735,107 @@ le64(const unsigned char *p)
     for (int i = 7; i >= 0; i--)
         v = (v << 8) | p[i];
     return v;
+}
+
+enum { CHECK_OK, CHECK_AUTH, CHECK_SIZE, CHECK_RETRY, CHECK_HASH, CHECK_RANGE };
+
+
+/* The buffers of Codec.check_blobs and Codec.restore_files (key, data, table, opened, plain). */
+typedef struct {
+    Py_buffer key, data, table, opened, plain;
+} check_args;
+
+/* Ready the codec and take the five buffers from args[0..4]; 0, or -1 with an exception set (and
+ * nothing held). */
+static int
+check_args_get(CodecObject *c, PyObject *const *args, check_args *a)
+{
+    if (require_digest() < 0)
+        return -1;
+    if (c->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Codec is in use by another thread");
+        return -1;
+    }
+    if (c->dctx == NULL && (c->dctx = L.zstd_create_dctx()) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (get_key(args[0], &a->key) < 0)
+        return -1;
+    if (PyObject_GetBuffer(args[1], &a->data, PyBUF_SIMPLE) < 0)
+        goto fail_key;
+    if (PyObject_GetBuffer(args[2], &a->table, PyBUF_SIMPLE) < 0)
+        goto fail_data;
+    if (PyObject_GetBuffer(args[3], &a->opened, PyBUF_WRITABLE) < 0)
+        goto fail_table;
+    if (PyObject_GetBuffer(args[4], &a->plain, PyBUF_WRITABLE) < 0)
+        goto fail_opened;
+    if (a->table.len % ENTRY == 0)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "table must hold 56-byte entries");
+    PyBuffer_Release(&a->plain);
+fail_opened:
+    PyBuffer_Release(&a->opened);
+fail_table:
+    PyBuffer_Release(&a->table);
+fail_data:
+    PyBuffer_Release(&a->data);
+fail_key:
+    PyBuffer_Release(&a->key);
+    return -1;
+}
+
+static void
+check_args_release(check_args *a)
+{
+    PyBuffer_Release(&a->plain);
+    PyBuffer_Release(&a->opened);
+    PyBuffer_Release(&a->table);
+    PyBuffer_Release(&a->data);
+    PyBuffer_Release(&a->key);
+}
+
+/* Check the blob of table entry t in a->data (see check_blobs): a CHECK_ status, with the plaintext
+ * in *p (a->opened or a->plain) and its length in *pn when CHECK_OK; -1 when libcrypto failed. No
+ * GIL needed. */
+static int
+check_one(CodecObject *c, const check_args *a, const unsigned char *t, const unsigned char **p,
+          size_t *pn)
+{
+    const unsigned char *k = a->key.buf, *d = a->data.buf;
+    unsigned char *o = a->opened.buf, *u = a->plain.buf;
+    size_t dlen = (size_t)a->data.len, olen = (size_t)a->opened.len, ulen_cap = (size_t)a->plain.len;
+    uint64_t off = le64(t), len = le64(t + 8), ulen = le64(t + 16);
+    const unsigned char *id = t + 24;
+    if (len < NONCE + TAG || off > dlen || len > dlen - off || len - NONCE - TAG > olen ||
+        ulen > ulen_cap)
+        return CHECK_RANGE;
+    const unsigned char *s = d + off;
+    size_t n = (size_t)(len - NONCE - TAG);
+    unsigned char tag[TAG];
+    if (mac_tag(k, s, s + NONCE, n, tag) < 0)
+        return -1;
+    if (L.memcmp_ct(tag, s + NONCE + n, TAG) != 0)
+        return CHECK_AUTH;
+    if (ctr_crypt(k, s, s + NONCE, o, n) < 0)
+        return -1;
+    *p = o;
+    *pn = n;
+    if (ulen) {
+        unsigned long long expected = L.zstd_content_size(o, n);
+        size_t r = L.zstd_decompress_dctx(c->dctx, u, (size_t)ulen, o, n);
+        if (L.zstd_is_error(r) || expected != (unsigned long long)r)
+            return CHECK_RETRY;
+        if (r != ulen)
+            return CHECK_SIZE;
+        *p = u;
+        *pn = r;
+    }
+    unsigned char md[32];
+    unsigned int mdlen = 0;
+    if (L.digest(*p, *pn, md, &mdlen, L.sha256(), NULL) != 1 || mdlen != 32)
+        return -1;
+    return memcmp(md, id, 32) == 0 ? CHECK_OK : CHECK_HASH;
 }
 
 PyDoc_STRVAR(check_blobs_doc,
@@ -748,91 +852,31 @@ authentication, 2 decompresses to another size, 3 zstd refused the frame (judge 
 static PyObject *
 Codec_check_blobs(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer key, data, table, opened, plain;
-    PyObject *result = NULL;
+    check_args a;
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "check_blobs(key, data, table, opened, plain) takes 5 arguments");
         return NULL;
     }
-    if (require_digest() < 0)
+    if (check_args_get(c, args, &a) < 0)
         return NULL;
-    if (c->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "Codec is in use by another thread");
-        return NULL;
-    }
-    if (c->dctx == NULL && (c->dctx = L.zstd_create_dctx()) == NULL)
-        return PyErr_NoMemory();
-    if (get_key(args[0], &key) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
-        goto fail_key;
-    if (PyObject_GetBuffer(args[2], &table, PyBUF_SIMPLE) < 0)
-        goto fail_data;
-    if (PyObject_GetBuffer(args[3], &opened, PyBUF_WRITABLE) < 0)
-        goto fail_table;
-    if (PyObject_GetBuffer(args[4], &plain, PyBUF_WRITABLE) < 0)
-        goto fail_opened;
-    if (table.len % ENTRY != 0) {
-        PyErr_SetString(PyExc_ValueError, "table must hold 56-byte entries");
-        goto done;
-    }
-    Py_ssize_t count = table.len / ENTRY;
-    result = PyBytes_FromStringAndSize(NULL, count);
+    Py_ssize_t count = a.table.len / ENTRY;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, count);
     if (result == NULL)
         goto done;
     unsigned char *status = (unsigned char *)PyBytes_AS_STRING(result);
     int failed = 0;
     c->busy = 1;
     Py_BEGIN_ALLOW_THREADS
-    const unsigned char *k = key.buf, *d = data.buf, *t = table.buf;
-    unsigned char *o = opened.buf, *u = plain.buf;
-    size_t dlen = (size_t)data.len, olen = (size_t)opened.len, ulen_cap = (size_t)plain.len;
-    for (Py_ssize_t i = 0; i < count && !failed; i++, t += ENTRY) {
-        uint64_t off = le64(t), len = le64(t + 8), ulen = le64(t + 16);
-        const unsigned char *id = t + 24;
-        if (len < NONCE + TAG || off > dlen || len > dlen - off || len - NONCE - TAG > olen ||
-            ulen > ulen_cap) {
-            status[i] = CHECK_RANGE;
-            continue;
-        }
-        const unsigned char *s = d + off;
-        size_t n = (size_t)(len - NONCE - TAG);
-        unsigned char tag[TAG];
-        if (mac_tag(k, s, s + NONCE, n, tag) < 0) {
+    const unsigned char *t = a.table.buf;
+    for (Py_ssize_t i = 0; i < count; i++, t += ENTRY) {
+        const unsigned char *p;
+        size_t pn;
+        int st = check_one(c, &a, t, &p, &pn);
+        if (st < 0) {
             failed = 1;
             break;
         }
-        if (L.memcmp_ct(tag, s + NONCE + n, TAG) != 0) {
-            status[i] = CHECK_AUTH;
-            continue;
-        }
-        if (ctr_crypt(k, s, s + NONCE, o, n) < 0) {
-            failed = 1;
-            break;
-        }
-        const unsigned char *p = o;
-        size_t pn = n;
-        if (ulen) {
-            unsigned long long expected = L.zstd_content_size(o, n);
-            size_t r = L.zstd_decompress_dctx(c->dctx, u, (size_t)ulen, o, n);
-            if (L.zstd_is_error(r) || expected != (unsigned long long)r) {
-                status[i] = CHECK_RETRY;
-                continue;
-            }
-            if (r != ulen) {
-                status[i] = CHECK_SIZE;
-                continue;
-            }
-            p = u;
-            pn = r;
-        }
-        unsigned char md[32];
-        unsigned int mdlen = 0;
-        if (L.digest(p, pn, md, &mdlen, L.sha256(), NULL) != 1 || mdlen != 32) {
-            failed = 1;
-            break;
-        }
-        status[i] = memcmp(md, id, 32) == 0 ? CHECK_OK : CHECK_HASH;
+        status[i] = (unsigned char)st;
     }
     Py_END_ALLOW_THREADS
     c->busy = 0;
@@ -841,19 +885,198 @@ Codec_check_blobs(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_OSError, "checking blobs failed inside libcrypto");
     }
 done:
-    PyBuffer_Release(&plain);
-fail_opened:
-    PyBuffer_Release(&opened);
-fail_table:
-    PyBuffer_Release(&table);
-fail_data:
-    PyBuffer_Release(&data);
-fail_key:
-    PyBuffer_Release(&key);
+    check_args_release(&a);
+    return result;
+}
+
+
+/* One file of Codec.restore_files: what to do, then what happened. */
+typedef struct {
+    PyObject *path; /* a bytes object, referenced */
+    int create, set_times;
+    long long offset;
+    long uid, gid, mode;
+    struct timespec times[2];
+    int check, status, err, fd;
+    Py_ssize_t written;
+} file_job;
+
+enum { FILE_SKIPPED = -1, FILE_DONE, FILE_NOT_OPENED, FILE_WRITE_FAILED, FILE_META_FAILED };
+
+static int
+ns_to_timespec(PyObject *obj, struct timespec *ts)
+{
+    long long ns = PyLong_AsLongLong(obj);
+    if (ns == -1 && PyErr_Occurred())
+        return -1;
+    long long sec = ns / 1000000000LL, rem = ns % 1000000000LL; /* floor division */
+    if (rem < 0) {
+        rem += 1000000000LL;
+        sec -= 1;
+    }
+    ts->tv_sec = (time_t)sec;
+    ts->tv_nsec = (long)rem;
+    return 0;
+}
+
+/* Fill job from (path, create, offset, uid, gid, mode, atime_ns, mtime_ns); 0 or -1 (exception). */
+static int
+parse_job(PyObject *item, file_job *job)
+{
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 8) {
+        PyErr_SetString(PyExc_TypeError, "files holds (path, create, offset, uid, gid, mode, "
+                                         "atime_ns, mtime_ns) tuples");
+        return -1;
+    }
+    PyObject *path = PyTuple_GET_ITEM(item, 0);
+    if (!PyBytes_Check(path) || (size_t)PyBytes_GET_SIZE(path) != strlen(PyBytes_AS_STRING(path))) {
+        PyErr_SetString(PyExc_ValueError, "a path must be bytes without a null byte");
+        return -1;
+    }
+    job->create = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
+    job->offset = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 2));
+    job->uid = PyLong_AsLong(PyTuple_GET_ITEM(item, 3));
+    job->gid = PyLong_AsLong(PyTuple_GET_ITEM(item, 4));
+    job->mode = PyLong_AsLong(PyTuple_GET_ITEM(item, 5));
+    if (job->create < 0 || PyErr_Occurred())
+        return -1;
+    job->set_times = PyTuple_GET_ITEM(item, 6) != Py_None;
+    if (job->set_times && (ns_to_timespec(PyTuple_GET_ITEM(item, 6), &job->times[0]) < 0 ||
+                           ns_to_timespec(PyTuple_GET_ITEM(item, 7), &job->times[1]) < 0))
+        return -1;
+    Py_INCREF(path);
+    job->path = path;
+    return 0;
+}
+
+/* Open (or create), write and finish one file; no GIL needed. */
+static void
+write_job(file_job *job, const unsigned char *p, size_t pn)
+{
+    job->written = 0;
+    job->fd = open(PyBytes_AS_STRING(job->path),
+                   O_WRONLY | O_CLOEXEC | O_NOFOLLOW | (job->create ? O_CREAT | O_EXCL : 0), 0600);
+    if (job->fd < 0) {
+        job->status = FILE_NOT_OPENED;
+        job->err = errno;
+        return;
+    }
+    job->status = FILE_DONE;
+    while ((size_t)job->written < pn) {
+        ssize_t n = pwrite(job->fd, p + job->written, pn - (size_t)job->written,
+                           (off_t)(job->offset + job->written));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            job->status = FILE_WRITE_FAILED;
+            job->err = errno;
+            return;
+        }
+        job->written += n;
+    }
+    if ((job->uid != -1 && fchown(job->fd, (uid_t)job->uid, (gid_t)job->gid) < 0) ||
+        fchmod(job->fd, (mode_t)job->mode) < 0 || (job->set_times && futimens(job->fd, job->times) < 0)) {
+        job->status = FILE_META_FAILED;
+        job->err = errno;
+        return;
+    }
+    close(job->fd);
+    job->fd = -1;
+}
+
+PyDoc_STRVAR(restore_files_doc,
+"restore_files(key, data, table, opened, plain, files, /) -> list\n\
+\n\
+Restore's files of one chunk each, in one call that releases the GIL: every blob that table lists\n\
+inside data is checked as check_blobs checks it and, when right, written to its file. files holds\n\
+one tuple per entry, (path, create, offset, uid, gid, mode, atime_ns, mtime_ns): open path\n\
+(O_NOFOLLOW; with create also O_CREAT | O_EXCL, mode 0600), write the plaintext at offset, fchown\n\
+(unless uid is -1), fchmod, set the times (unless atime_ns is None) and close. Returns one tuple per\n\
+entry, (check, status, errno, written, fd): check is check_blobs' status byte, and when it is not 0\n\
+the file was not touched (status -1). status 0: done (fd -1); 1: not opened (errno says why);\n\
+2: writing failed after written bytes; 3: the metadata failed. With 2 and 3 the file is left open\n\
+as fd for the caller to finish.");
+
+static PyObject *
+Codec_restore_files(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    check_args a;
+    PyObject *result = NULL;
+    file_job *jobs = NULL;
+    Py_ssize_t parsed = 0;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "restore_files(key, data, table, opened, plain, files) takes 6 arguments");
+        return NULL;
+    }
+    PyObject *files = PySequence_Fast(args[5], "files must be a sequence");
+    if (files == NULL)
+        return NULL;
+    if (check_args_get(c, args, &a) < 0) {
+        Py_DECREF(files);
+        return NULL;
+    }
+    Py_ssize_t count = a.table.len / ENTRY;
+    if (PySequence_Fast_GET_SIZE(files) != count) {
+        PyErr_SetString(PyExc_ValueError, "files must hold one tuple per table entry");
+        goto done;
+    }
+    jobs = PyMem_Calloc((size_t)count + 1, sizeof(file_job));
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; parsed < count; parsed++)
+        if (parse_job(PySequence_Fast_GET_ITEM(files, parsed), &jobs[parsed]) < 0)
+            goto done;
+    int failed = 0;
+    c->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *t = a.table.buf;
+    for (Py_ssize_t i = 0; i < count; i++, t += ENTRY) {
+        file_job *job = &jobs[i];
+        const unsigned char *p = NULL;
+        size_t pn = 0;
+        job->status = FILE_SKIPPED;
+        job->fd = -1;
+        job->check = check_one(c, &a, t, &p, &pn);
+        if (job->check < 0) {
+            failed = 1;
+            break;
+        }
+        if (job->check == CHECK_OK)
+            write_job(job, p, pn);
+    }
+    Py_END_ALLOW_THREADS
+    c->busy = 0;
+    if (failed) {
+        PyErr_SetString(PyExc_OSError, "checking blobs failed inside libcrypto");
+        for (Py_ssize_t i = 0; i < count; i++)
+            if (jobs[i].fd >= 0)
+                close(jobs[i].fd);
+        goto done;
+    }
+    result = PyList_New(count);
+    for (Py_ssize_t i = 0; result != NULL && i < count; i++) {
+        file_job *job = &jobs[i];
+        PyObject *item = Py_BuildValue("iiini", job->check, job->status, job->err, job->written, job->fd);
+        if (item == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, item);
+    }
+done:
+    for (Py_ssize_t i = 0; i < parsed; i++)
+        Py_XDECREF(jobs[i].path);
+    PyMem_Free(jobs);
+    Py_DECREF(files);
+    check_args_release(&a);
     return result;
 }
 
 static PyMethodDef Codec_methods[] = {
+    {"restore_files", (PyCFunction)(void (*)(void))Codec_restore_files, METH_FASTCALL,
+     restore_files_doc},
     {"compress_into", (PyCFunction)(void (*)(void))Codec_compress_into, METH_FASTCALL,
      "compress_into(out, data, /) -> int\n\nOne zstd frame (content size, no checksum) of data into "
      "out; returns its length. out needs bound(len(data)) bytes to be sure. Releases the GIL."},

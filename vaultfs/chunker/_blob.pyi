@@ -18,4 +18,14 @@ class Codec:
     def check_blobs(
         self, key: Buffer, data: Buffer, table: Buffer, opened: Buffer, plain: Buffer, /
     ) -> bytes: ...
+    def restore_files(
+        self,
+        key: Buffer,
+        data: Buffer,
+        table: Buffer,
+        opened: Buffer,
+        plain: Buffer,
+        files: Sequence[tuple[bytes, bool, int, int, int, int, int | None, int]],
+        /,
+    ) -> list[tuple[int, int, int, int, int]]: ...
     def bound(self, size: int, /) -> int: ...

@@ -733,6 +733,8 @@ class _Restorer:
             view = self.read_range(pack_id, start, end - start)
         except VaultError as exc:
             read_error = exc
+        if view is not None and _write_file is not None and self.buffers() is not None:
+            blobs = self.restore_small(view, start, blobs)
         covered = start  # the end of the blobs before this one
         for i, blob in enumerate(blobs):
             if self.abort.is_set():
@@ -770,6 +772,66 @@ class _Restorer:
         if buffers is not None:
             for buf in buffers.values():
                 buf.trim()
+
+    def restore_small(self, view: memoryview, start: int, blobs: list[_Blob]) -> list[_Blob]:
+        """Check and write the range's files of one chunk each (created by the worker, nothing that only
+        the Python path applies) in one GIL-free call: with 20,000 small files, two calls per file
+        were 40,000 GIL hand-offs among the workers and the walk. Returns the blobs left to the usual
+        path: the others, and those whose check failed or whose file could not be opened."""
+        small: list[tuple[_Blob, _File]] = []
+        rest: list[_Blob] = []
+        for blob in blobs:
+            file = blob.targets[0][0] if len(blob.targets) == 1 else None
+            if file is None or not (file.create and file.pending == 1) or _python_only(file.node):
+                rest.append(blob)
+            else:
+                small.append((blob, file))
+        if len(small) < 2:
+            return blobs
+        table = bytearray()
+        jobs = []
+        owners = self.owners
+        for blob, file in small:
+            loc, node = blob.loc, file.node
+            table += _ENTRY.pack(loc.offset - start, loc.length, loc.uncompressed_length)
+            table += loc.blob_id
+            uid, gid = (node.uid, node.gid) if owners else (-1, -1)
+            mode = stat.S_IMODE(node.unix_mode)
+            jobs.append((file.path, True, 0, uid, gid, mode, node.atime.ns, node.mtime.ns))
+        buffers = self.buffers()
+        assert buffers is not None
+        opened = self.opened_buffer().view(max(b.loc.length for b, _f in small) - OVERHEAD)
+        plain = buffers["plain"].view(max(b.loc.uncompressed_length for b, _f in small))
+        results = self.local.codec.restore_files(self.key_raw, view, table, opened, plain, jobs)
+        done: list[tuple[_File, int]] = []
+        unfinished = [(file, r) for (_b, file), r in zip(small, results, strict=True) if r[1] >= 2]
+        try:
+            for (blob, file), (check, status, _err, written, _fd) in zip(
+                small, results, strict=True
+            ):
+                if check != 0 or status == 1:
+                    # the usual path tells what is wrong, or replaces what is in the way
+                    rest.append(blob)
+                elif status == 0:
+                    done.append((file, written))
+            if done:
+                self.files_done(done)
+            while unfinished:
+                file, (_check, status, err, written, fd) = unfinished.pop()
+                self.count("files")
+                self.after_c_write(file, status, err, written, fd)
+        finally:
+            for _file, result in unfinished:  # left after a fatal error (a full disk, say)
+                os.close(result[4])
+        rest.sort(key=lambda b: b.loc.offset)
+        return rest
+
+    def files_done(self, done: list[tuple[_File, int]]) -> None:
+        """``chunk_done`` for the files ``restore_small`` created and finished, under one lock."""
+        with self.lock:
+            self.report.files += len(done)
+            for file, nbytes in done:
+                self.count_chunk(file, nbytes)
 
     def buffers(self) -> dict[str, _Buffer] | None:
         """This worker's buffers: ``read`` (pack ranges), ``plain`` (decompressed blobs), ``opened``
@@ -967,11 +1029,9 @@ class _Restorer:
         that would each hand the GIL over. False when it is left to ``write``: nothing was opened, or the
         node has what only the Python path applies (extended attributes, a time the kernel cannot take)."""
         node = file.node
-        atime, mtime = node.atime.ns, node.mtime.ns
-        if node.extended_attributes or not (
-            _MIN_NS <= atime <= _MAX_NS and _MIN_NS <= mtime <= _MAX_NS
-        ):
+        if _python_only(node):
             return False
+        atime, mtime = node.atime.ns, node.mtime.ns
         uid, gid = (node.uid, node.gid) if self.owners else (-1, -1)
         status, err, written, fd = _write_file(
             file.path,
@@ -991,26 +1051,34 @@ class _Restorer:
         if status == 0:
             self.chunk_done(file, done + written)
             return True
-        # Created but not finished: the Python path takes over with the open file and reports.
+        self.after_c_write(file, status, err, done + written, fd)
+        return True
+
+    def after_c_write(self, file: _File, status: int, err: int, written: int, fd: int) -> None:
+        """A file the C part opened but could not finish (status 2: writing, 3: the metadata failed):
+        the Python path takes over with the open file and reports."""
         try:
             if status == 2:
                 self.os_error(file.location, "write the file", OSError(err, os.strerror(err)))
-            if self.chunk_done(file, done + written):
+            if self.chunk_done(file, written):
                 self.finish(fd, file.location, file.node)
         finally:
             os.close(fd)
-        return True
 
     def chunk_done(self, file: _File, nbytes: int) -> bool:
         """Count a finished chunk; True for the file's last one."""
         with self.lock:
-            file.pending -= 1
-            self.done_bytes += nbytes
-            self.report.bytes += nbytes
-            if self.progress is not None and self.done_bytes - self.shown_bytes >= PROGRESS_STEP:
-                self.shown_bytes = self.done_bytes
-                self.progress(self.done_bytes, self.total_bytes)
+            self.count_chunk(file, nbytes)
             return file.pending == 0
+
+    def count_chunk(self, file: _File, nbytes: int) -> None:
+        """The counts for a finished chunk, and progress now and then; the caller holds the lock."""
+        file.pending -= 1
+        self.done_bytes += nbytes
+        self.report.bytes += nbytes
+        if self.progress is not None and self.done_bytes - self.shown_bytes >= PROGRESS_STEP:
+            self.shown_bytes = self.done_bytes
+            self.progress(self.done_bytes, self.total_bytes)
 
     def link_later(self) -> None:
         """The further names of hardlinked files that workers created (before the folders' metadata)."""
@@ -1050,6 +1118,14 @@ def _aligned_at(data: bytes | memoryview, index: int) -> bool:
     if not isinstance(data, memoryview) or data.readonly:
         return False
     return (ctypes.addressof(ctypes.c_char.from_buffer(data)) + index) % _ALIGN == 0
+
+
+def _python_only(node: Node) -> bool:
+    """Whether a file has what only the Python path applies: extended attributes, or a time the
+    kernel cannot take (fsmeta.apply_times substitutes or skips those)."""
+    return bool(node.extended_attributes) or not (
+        _MIN_NS <= node.atime.ns <= _MAX_NS and _MIN_NS <= node.mtime.ns <= _MAX_NS
+    )
 
 
 def _valid_name(name: str) -> bool:
