@@ -4,6 +4,7 @@ sub-paths, include/exclude, existing targets, damaged blobs, and the CLI's exit 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import mmap
 import os
@@ -549,6 +550,34 @@ def test_invalid_names_in_a_snapshot_are_refused(tmp_path):
     report = restore(b.repo, snap_id, tmp_path / "t" / "out")
     assert [p.path for p in report.errors] == ["/d/.."]
     assert sorted(os.listdir(tmp_path / "t")) == ["out"]
+
+
+def test_trees_loaded_ahead_cover_repeats_skips_depth_and_width(tmp_path):
+    """The tree loader runs ahead of the walk: a subtree that occurs several times (one tree ID), a
+    folder the walk skips (a file in its way) with that subtree, a chain deeper than anything
+    queued at the start, and more sibling folders than it may hold ahead (PREFETCH_TREES)."""
+    b = VaultBuilder(tmp_path / "vault")
+    inner = b.dir("same", [b.file("a", [b"A"]), b.dir("deeper", [b.file("z", [b"Z"])])])
+    copies = [dataclasses.replace(inner, name=n) for n in ("one", "two", "blocked", "three")]
+    chain = b.file("bottom", [b"B"])
+    for i in range(40):
+        chain = b.dir(f"d{i}", [chain])
+    width = restore_mod.PREFETCH_TREES + 44
+    wide = b.dir("wide", [b.dir(f"w{i}", [b.file("f", [b"%d" % i])]) for i in range(width)])
+    snap_id = b.snapshot([*copies, chain, wide])
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "blocked").write_text("in the way")
+    report = restore(b.repo, snap_id, target)
+    assert [p.path for p in report.errors] == ["/blocked"]
+    assert (target / "blocked").read_text() == "in the way"
+    for name in ("one", "two", "three"):
+        assert (target / name / "a").read_bytes() == b"A"
+        assert (target / name / "deeper" / "z").read_bytes() == b"Z"
+    assert target.joinpath(*[f"d{i}" for i in reversed(range(40))], "bottom").read_bytes() == b"B"
+    assert [(target / "wide" / f"w{i}" / "f").read_bytes() for i in range(width)] == [
+        b"%d" % i for i in range(width)
+    ]
 
 
 def _resident_pages(path: Path) -> int:

@@ -42,6 +42,7 @@ import errno
 import fcntl
 import gc
 import hashlib
+import heapq
 import mmap
 import os
 import stat
@@ -88,8 +89,8 @@ DEFAULT_WORKERS = 4
 #: planned: big enough to merge neighbouring blobs into one read, small enough to start writing early.
 BATCH_BYTES = 64 * 1024 * 1024
 BATCH_BLOBS = 2048
-#: Subtrees loaded ahead of the walk.
-PREFETCH_TREES = 64
+#: Trees loaded ahead of the walk (and not yet entered) at most: a few MB of nodes.
+PREFETCH_TREES = 256
 #: The progress callback is called after at least this many more bytes (and at the end).
 PROGRESS_STEP = 1024 * 1024
 #: A chunk of a file the walk created (one of several chunks) with at least this many bytes is written
@@ -278,8 +279,127 @@ class _Frame:
     selected: bool
     # None: not created yet; True: exists; False: could not be created (children are skipped)
     ready: bool | None
+    key: tuple[int, ...] = ()  # the folder's place in the walk (see _TreeLoader)
     index: int = 0
     restored_child: bool = False
+
+
+class _TreeLoader:
+    """Loads the trees the walk will enter, in the walk's order and ahead of it, in a thread of its own.
+
+    A tree's sub-folders are queued as soon as the tree is loaded (not when the walk gets to the
+    folder), so while the walk waits for the workers the loader gets up to ``ahead`` trees ahead of it,
+    and the walk rarely waits for a tree. Folders are ordered by their place in the walk: the key of the
+    i-th node of a folder with key k is k + (i,), so the smallest queued key is always the next
+    folder the walk will enter. A tree that is not queued (a subtree that occurs twice is queued once;
+    a folder the walk skipped) is loaded by the walk itself.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[bytes], list[Node]],
+        enter: Callable[[str], bool],
+        ahead: int,
+    ) -> None:
+        self._load = load
+        self._enter = enter  # whether the walk will enter the folder at this location
+        self._ahead = ahead
+        self._cond = threading.Condition()
+        self._queue: list[
+            tuple[tuple[int, ...], bytes, str]
+        ] = []  # heap of (key, tree ID, location)
+        self._queued: set[bytes] = set()  # queued, being loaded or loaded, not yet taken
+        self._dropped: set[bytes] = set()  # still in the heap, but the walk will not take it
+        self._loaded: dict[bytes, list[Node] | VaultError] = {}
+        self._waiting = False  # the walk waits: load past ``ahead``
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, nodes: list[Node], location: str, key: tuple[int, ...]) -> None:
+        """Queue the sub-folders of a folder (its ``nodes``) that the walk will enter."""
+        with self._cond:
+            self._add(nodes, location, key)
+
+    def _add(self, nodes: list[Node], location: str, key: tuple[int, ...]) -> None:
+        added = False
+        for i, node in enumerate(nodes):
+            tree_id = node.subtree
+            if node.type != "dir" or tree_id is None or tree_id in self._queued:
+                continue
+            child = f"{location}/{node.name}"
+            if not self._enter(child):
+                continue
+            heapq.heappush(self._queue, (key + (i,), tree_id, child))
+            self._queued.add(tree_id)
+            self._dropped.discard(tree_id)
+            added = True
+        if added:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vault-trees", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def take(self, tree_id: bytes, location: str, key: tuple[int, ...]) -> list[Node]:
+        """The nodes of a folder the walk enters (raises VaultError if its tree cannot be read)."""
+        with self._cond:
+            while tree_id in self._queued and tree_id not in self._loaded:
+                self._waiting = True
+                self._cond.notify_all()
+                self._cond.wait()
+            self._waiting = False
+            found = self._loaded.pop(tree_id, None)
+            self._queued.discard(tree_id)
+            self._cond.notify_all()
+        if found is None:
+            found = self._load(tree_id)
+            self.add(found, location, key)
+        if isinstance(found, VaultError):
+            raise found
+        return found
+
+    def drop(self, tree_id: bytes) -> None:
+        """The walk will not enter this folder after all."""
+        with self._cond:
+            if tree_id in self._queued:
+                if self._loaded.pop(tree_id, None) is None:
+                    self._dropped.add(tree_id)
+                self._queued.discard(tree_id)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._loaded.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (
+                    not self._queue or (len(self._loaded) >= self._ahead and not self._waiting)
+                ):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                key, tree_id, location = heapq.heappop(self._queue)
+                if tree_id in self._dropped:
+                    self._dropped.discard(tree_id)
+                    continue
+            result: list[Node] | VaultError
+            try:
+                result = self._load(tree_id)
+            except VaultError as exc:
+                result = exc
+            with self._cond:
+                if tree_id in self._queued:
+                    self._loaded[tree_id] = result
+                    if not isinstance(result, VaultError):
+                        self._add(result, location, key)
+                else:
+                    self._dropped.discard(tree_id)  # dropped while it was loaded
+                self._cond.notify_all()
 
 
 def _plain_size(loc: BlobLocation) -> int:
@@ -350,8 +470,9 @@ class _Restorer:
         self.abort = threading.Event()
         self.pool: ThreadPoolExecutor | None = None
         self.running: set[Future[None]] = set()
-        self.tree_pool: ThreadPoolExecutor | None = None
-        self.trees_ahead: dict[bytes, Future[list[Node]]] = {}
+        self.trees = _TreeLoader(
+            self.load_tree, lambda location: selector.select(location, True)[1], PREFETCH_TREES
+        )
         self.local = threading.local()  # per worker: read and decode buffers, zstd context
         self.key_raw = repo.key.raw
         inner = getattr(repo.backend, "inner", repo.backend)
@@ -405,7 +526,7 @@ class _Restorer:
             frame.index += 1
             if frame.ready is False:
                 if node.subtree is not None:
-                    self.trees_ahead.pop(node.subtree, None)
+                    self.trees.drop(node.subtree)
                 continue
             location = f"{frame.location}/{node.name}"
             if not _valid_name(node.name):
@@ -433,41 +554,25 @@ class _Restorer:
         if node.subtree is None:
             self.error(location, "folder without a subtree in the snapshot; skipped")
             return
-        ahead = self.trees_ahead.pop(node.subtree, None)
         ready: bool | None = None
         if selected:
-            if not self.ensure_ready(frame):
-                return
-            ready = self.make_dir(path, location)
+            ready = self.ensure_ready(frame) and self.make_dir(path, location)
             if not ready:
+                self.trees.drop(node.subtree)
                 return
         if not enter:
+            self.trees.drop(node.subtree)
             if ready:
                 self.dirs_done.append((path, location, node))
                 frame.restored_child = True
             return
+        key = frame.key + (frame.index - 1,)
         try:
-            children = ahead.result() if ahead is not None else self.load_tree(node.subtree)
+            children = self.trees.take(node.subtree, location, key)
         except VaultError as exc:
             self.error(location, f"cannot read the folder's tree: {exc}")
             children = []
-        self.prefetch(children, location)
-        stack.append(_Frame(path, location, node, children, frame, selected, ready))
-
-    def prefetch(self, nodes: list[Node], location: str) -> None:
-        """Start loading the subtrees the walk will enter in a helper thread: reading, decrypting and
-        hashing them then happens off the walk, which would otherwise wait for the GIL after each."""
-        for node in nodes:
-            if len(self.trees_ahead) >= PREFETCH_TREES:
-                return
-            tree_id = node.subtree
-            if node.type != "dir" or tree_id is None or tree_id in self.trees_ahead:
-                continue
-            if not self.selector.select(f"{location}/{node.name}", True)[1]:
-                continue
-            if self.tree_pool is None:
-                self.tree_pool = ThreadPoolExecutor(1, thread_name_prefix="vault-trees")
-            self.trees_ahead[tree_id] = self.tree_pool.submit(self.load_tree, tree_id)
+        stack.append(_Frame(path, location, node, children, frame, selected, ready, key))
 
     def load_tree(self, tree_id: bytes) -> list[Node]:
         """A folder's nodes, not kept in the repository's tree cache: the walk reads each tree once and
@@ -717,10 +822,7 @@ class _Restorer:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-        if self.tree_pool is not None:
-            self.tree_pool.shutdown(wait=True, cancel_futures=True)
-            self.tree_pool = None
-        self.trees_ahead.clear()
+        self.trees.close()
 
     def restore_range(self, pack_id: bytes, blobs: list[_Blob]) -> None:
         if self.abort.is_set():
@@ -1220,7 +1322,7 @@ def restore(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        restorer.prefetch(nodes, "")
+        restorer.trees.add(nodes, "", ())
         restorer.walk(os.fsencode(target_s), nodes)
         restorer.flush()
         restorer.drain()
