@@ -25,7 +25,7 @@ from vaultfs.backend import LocalBackend
 from vaultfs.errors import NotFoundError, UsageError, VaultError
 from vaultfs.format.gojson import GoTime
 from vaultfs.format.lock import Lock
-from vaultfs.format.pack import DATA
+from vaultfs.format.pack import DATA, TREE
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import (
     GO_DEVICE,
@@ -336,14 +336,29 @@ def test_dry_run_changes_nothing(sample, tmp_path):
     assert report.bytes > 620_000
 
 
-def _damage(repo: Repository, blob_id: bytes) -> tuple[str, int]:
-    loc = repo.index.lookup(blob_id, DATA)
+def _damage(repo: Repository, blob_id: bytes, blob_type: int = DATA) -> tuple[str, int]:
+    loc = repo.index.lookup(blob_id, blob_type)
     path = repo.backend.path("data", loc.pack_id.hex())
     os.chmod(path, 0o600)
     raw = bytearray(Path(path).read_bytes())
     raw[loc.offset + loc.length // 2] ^= 0x40
     Path(path).write_bytes(raw)
     return loc.pack_id.hex(), loc.offset
+
+
+def test_a_damaged_tree_is_one_error_and_the_rest_is_restored(tmp_path):
+    """Trees are read and checked like data (one C call); a damaged one is reported by the
+    repository's path, with what is wrong, and its folder's siblings are restored."""
+    b = VaultBuilder(tmp_path / "vault")
+    broken = b.dir("broken", [b.file("lost", [b"lost"])])
+    snap_id = b.snapshot([broken, b.dir("fine", [b.file("kept", [b"kept"])])])
+    _damage(b.repo, broken.subtree, TREE)
+    report = restore(_reopen(b.repo), snap_id, tmp_path / "out")
+    assert [(p.path, "cannot read the folder's tree" in p.message) for p in report.errors] == [
+        ("/broken", True)
+    ]
+    assert "corrupt" in report.errors[0].message or "authenticat" in report.errors[0].message
+    assert (tmp_path / "out" / "fine" / "kept").read_bytes() == b"kept"
 
 
 @pytest.mark.parametrize("gap", [0, restore_mod.MERGE_GAP])

@@ -508,7 +508,8 @@ class _Restorer:
     # -- walk -------------------------------------------------------------------------------------
 
     def walk(self, root_path: bytes, nodes: list[Node]) -> None:
-        stack = [_Frame(root_path, "", None, nodes, None, True, True)]
+        # paths are joined by hand below (posixpath.join per node was ~4% of the walk's time)
+        stack = [_Frame(root_path.rstrip(b"/"), "", None, nodes, None, True, True)]
         while stack:
             frame = stack[-1]
             if frame.index >= len(frame.nodes):
@@ -532,7 +533,7 @@ class _Restorer:
             if not _valid_name(node.name):
                 self.error(location, "invalid name in the snapshot; skipped")
                 continue
-            path = os.path.join(frame.path, fs_bytes(node.name))
+            path = frame.path + b"/" + fs_bytes(node.name)
             is_dir = node.type == "dir"
             selected, enter = self.selector.select(location, is_dir)
             if is_dir:
@@ -577,8 +578,18 @@ class _Restorer:
     def load_tree(self, tree_id: bytes) -> list[Node]:
         """A folder's nodes, not kept in the repository's tree cache: the walk reads each tree once and
         drops it when the folder is done, while the cache would keep every node of the snapshot (20,000
-        files: ~25 MB) until the end."""
-        return decode_tree(self.repo.load_blob(TREE, tree_id), f"tree {tree_id.hex()}")
+        files: ~25 MB) until the end. From a local vault, read and checked as the workers read data
+        (two GIL-free calls instead of six); anything wrong is left to the repository's path, which
+        reports it."""
+        what = f"tree {tree_id.hex()}"
+        loc = self.repo.index.lookup(tree_id, TREE) if self.pack_path is not None else None
+        if loc is not None and self.buffers() is not None:
+            try:
+                plain = self.decode(loc, self.read_range(loc.pack_id, loc.offset, loc.length), True)
+                return decode_tree(bytes(plain), what)
+            except VaultError:
+                pass
+        return decode_tree(self.repo.load_blob(TREE, tree_id), what)
 
     def ensure_ready(self, frame: _Frame) -> bool:
         """Create a folder that was only entered (not itself selected) once something inside is restored."""
