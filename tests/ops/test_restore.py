@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -593,6 +594,36 @@ def test_trees_loaded_ahead_cover_repeats_skips_depth_and_width(tmp_path):
     assert [(target / "wide" / f"w{i}" / "f").read_bytes() for i in range(width)] == [
         b"%d" % i for i in range(width)
     ]
+
+
+def test_an_unexpected_error_loading_a_tree_ahead_is_raised_not_waited_for(tmp_path, monkeypatch):
+    """A tree the loader thread fails to load with something other than a VaultError (a bug) reaches
+    the walk as that exception, as a future's result did, instead of leaving the walk waiting."""
+    b = VaultBuilder(tmp_path / "vault")
+    bad = b.dir("bad", [b.file("f", [b"f"])])
+    snap_id = b.snapshot([b.dir("a", [b.dir("b", [bad])])])
+    load_tree = restore_mod._Restorer.load_tree
+
+    def failing(self, tree_id):
+        if tree_id == bad.subtree:
+            raise RuntimeError("a bug while loading")
+        return load_tree(self, tree_id)
+
+    monkeypatch.setattr(restore_mod._Restorer, "load_tree", failing)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            restore(_reopen(b.repo), snap_id, tmp_path / "out")
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the restore hangs"
+    assert isinstance(outcome[0], RuntimeError)
 
 
 def _resident_pages(path: Path) -> int:

@@ -310,7 +310,7 @@ class _TreeLoader:
         ] = []  # heap of (key, tree ID, location)
         self._queued: set[bytes] = set()  # queued, being loaded or loaded, not yet taken
         self._dropped: set[bytes] = set()  # still in the heap, but the walk will not take it
-        self._loaded: dict[bytes, list[Node] | VaultError] = {}
+        self._loaded: dict[bytes, list[Node] | Exception] = {}
         self._waiting = False  # the walk waits: load past ``ahead``
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -353,8 +353,8 @@ class _TreeLoader:
         if found is None:
             found = self._load(tree_id)
             self.add(found, location, key)
-        if isinstance(found, VaultError):
-            raise found
+        if isinstance(found, Exception):
+            raise found  # a VaultError is the walk's to report; anything else is a bug
         return found
 
     def drop(self, tree_id: bytes) -> None:
@@ -387,15 +387,15 @@ class _TreeLoader:
                 if tree_id in self._dropped:
                     self._dropped.discard(tree_id)
                     continue
-            result: list[Node] | VaultError
+            result: list[Node] | Exception
             try:
                 result = self._load(tree_id)
-            except VaultError as exc:
+            except Exception as exc:  # noqa: BLE001 - raised in the walk's thread by take()
                 result = exc
             with self._cond:
                 if tree_id in self._queued:
                     self._loaded[tree_id] = result
-                    if not isinstance(result, VaultError):
+                    if not isinstance(result, Exception):
                         self._add(result, location, key)
                 else:
                     self._dropped.discard(tree_id)  # dropped while it was loaded
