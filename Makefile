@@ -6,7 +6,7 @@ STAMP := .venv/.installed
 
 bootstrap: $(STAMP)
 
-$(STAMP): setup.cfg setup.py pyproject.toml $(shell find vaultfs -name "*.c")
+$(STAMP): setup.cfg setup.py pyproject.toml $(shell find vaultfs -name "*.c" -o -name "*.h")
 	bash .ci/bootstrap.sh
 	touch $(STAMP)
 

@@ -18,11 +18,13 @@ setup(
         Extension(
             "vaultfs.chunker._blob",
             sources=["vaultfs/chunker/_blob.c"],
+            depends=["vaultfs/ops/_newfile.h"],
             extra_compile_args=["-O2", "-std=c99", "-Wall"],
         ),
         Extension(
             "vaultfs.ops._newfile",
             sources=["vaultfs/ops/_newfile.c"],
+            depends=["vaultfs/ops/_newfile.h"],
             extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
         ),
         Extension(

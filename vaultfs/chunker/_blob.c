@@ -17,12 +17,11 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/random.h>
-#include <sys/stat.h>
-#include <unistd.h>
+
+#include "../ops/_newfile.h"
 
 /* -- the library functions used, declared by hand (stable ABIs of OpenSSL 3 and zstd 1.x) -------- */
 
@@ -890,34 +889,12 @@ done:
 }
 
 
-/* One file of Codec.restore_files: what to do, then what happened. */
+/* One file of Codec.restore_files: the blob's check status, then the file (see _newfile.h). */
 typedef struct {
-    PyObject *path; /* a bytes object, referenced */
-    int create, set_times;
-    long long offset;
-    long uid, gid, mode;
-    struct timespec times[2];
-    int check, status, err, fd;
-    Py_ssize_t written;
+    PyObject *path; /* the bytes object f.path points into, referenced */
+    int check;
+    newfile f;
 } file_job;
-
-enum { FILE_SKIPPED = -1, FILE_DONE, FILE_NOT_OPENED, FILE_WRITE_FAILED, FILE_META_FAILED };
-
-static int
-ns_to_timespec(PyObject *obj, struct timespec *ts)
-{
-    long long ns = PyLong_AsLongLong(obj);
-    if (ns == -1 && PyErr_Occurred())
-        return -1;
-    long long sec = ns / 1000000000LL, rem = ns % 1000000000LL; /* floor division */
-    if (rem < 0) {
-        rem += 1000000000LL;
-        sec -= 1;
-    }
-    ts->tv_sec = (time_t)sec;
-    ts->tv_nsec = (long)rem;
-    return 0;
-}
 
 /* Fill job from (path, create, offset, uid, gid, mode, atime_ns, mtime_ns); 0 or -1 (exception). */
 static int
@@ -933,55 +910,25 @@ parse_job(PyObject *item, file_job *job)
         PyErr_SetString(PyExc_ValueError, "a path must be bytes without a null byte");
         return -1;
     }
-    job->create = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
-    job->offset = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 2));
-    job->uid = PyLong_AsLong(PyTuple_GET_ITEM(item, 3));
-    job->gid = PyLong_AsLong(PyTuple_GET_ITEM(item, 4));
-    job->mode = PyLong_AsLong(PyTuple_GET_ITEM(item, 5));
-    if (job->create < 0 || PyErr_Occurred())
+    newfile *f = &job->f;
+    f->create = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
+    f->offset = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 2));
+    f->uid = PyLong_AsLong(PyTuple_GET_ITEM(item, 3));
+    f->gid = PyLong_AsLong(PyTuple_GET_ITEM(item, 4));
+    f->mode = PyLong_AsLong(PyTuple_GET_ITEM(item, 5));
+    if (f->create < 0 || PyErr_Occurred())
         return -1;
-    job->set_times = PyTuple_GET_ITEM(item, 6) != Py_None;
-    if (job->set_times && (ns_to_timespec(PyTuple_GET_ITEM(item, 6), &job->times[0]) < 0 ||
-                           ns_to_timespec(PyTuple_GET_ITEM(item, 7), &job->times[1]) < 0))
-        return -1;
+    f->set_times = PyTuple_GET_ITEM(item, 6) != Py_None;
+    for (int i = 0; f->set_times && i < 2; i++) {
+        long long ns = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 6 + i));
+        if (ns == -1 && PyErr_Occurred())
+            return -1;
+        newfile_timespec(ns, &f->times[i]);
+    }
     Py_INCREF(path);
     job->path = path;
+    f->path = PyBytes_AS_STRING(path);
     return 0;
-}
-
-/* Open (or create), write and finish one file; no GIL needed. */
-static void
-write_job(file_job *job, const unsigned char *p, size_t pn)
-{
-    job->written = 0;
-    job->fd = open(PyBytes_AS_STRING(job->path),
-                   O_WRONLY | O_CLOEXEC | O_NOFOLLOW | (job->create ? O_CREAT | O_EXCL : 0), 0600);
-    if (job->fd < 0) {
-        job->status = FILE_NOT_OPENED;
-        job->err = errno;
-        return;
-    }
-    job->status = FILE_DONE;
-    while ((size_t)job->written < pn) {
-        ssize_t n = pwrite(job->fd, p + job->written, pn - (size_t)job->written,
-                           (off_t)(job->offset + job->written));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            job->status = FILE_WRITE_FAILED;
-            job->err = errno;
-            return;
-        }
-        job->written += n;
-    }
-    if ((job->uid != -1 && fchown(job->fd, (uid_t)job->uid, (gid_t)job->gid) < 0) ||
-        fchmod(job->fd, (mode_t)job->mode) < 0 || (job->set_times && futimens(job->fd, job->times) < 0)) {
-        job->status = FILE_META_FAILED;
-        job->err = errno;
-        return;
-    }
-    close(job->fd);
-    job->fd = -1;
 }
 
 PyDoc_STRVAR(restore_files_doc,
@@ -1037,29 +984,30 @@ Codec_restore_files(CodecObject *c, PyObject *const *args, Py_ssize_t nargs)
         file_job *job = &jobs[i];
         const unsigned char *p = NULL;
         size_t pn = 0;
-        job->status = FILE_SKIPPED;
-        job->fd = -1;
+        job->f.status = -1; /* not touched */
+        job->f.fd = -1;
         job->check = check_one(c, &a, t, &p, &pn);
         if (job->check < 0) {
             failed = 1;
             break;
         }
         if (job->check == CHECK_OK)
-            write_job(job, p, pn);
+            newfile_write(&job->f, p, pn);
     }
     Py_END_ALLOW_THREADS
     c->busy = 0;
     if (failed) {
         PyErr_SetString(PyExc_OSError, "checking blobs failed inside libcrypto");
         for (Py_ssize_t i = 0; i < count; i++)
-            if (jobs[i].fd >= 0)
-                close(jobs[i].fd);
+            if (jobs[i].f.fd >= 0)
+                close(jobs[i].f.fd);
         goto done;
     }
     result = PyList_New(count);
     for (Py_ssize_t i = 0; result != NULL && i < count; i++) {
         file_job *job = &jobs[i];
-        PyObject *item = Py_BuildValue("iiini", job->check, job->status, job->err, job->written, job->fd);
+        PyObject *item = Py_BuildValue("iiini", job->check, job->f.status, job->f.err,
+                                       (Py_ssize_t)job->f.written, job->f.fd);
         if (item == NULL)
             Py_CLEAR(result);
         else

@@ -11,15 +11,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdint.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
+#include <string.h>
 
-/* Outcomes (the first item of the result). */
-enum { DONE = 0, NOT_CREATED = 1, WRITE_FAILED = 2, META_FAILED = 3 };
+#include "_newfile.h"
 
 PyDoc_STRVAR(write_file_doc,
 "write_file(path, data, offset, create, uid, gid, mode, atime_ns, mtime_ns, /)\n"
@@ -38,84 +32,36 @@ write_file(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                                          "gid, mode, atime_ns, mtime_ns)");
         return NULL;
     }
-    const char *path;
+    newfile f = {0};
     Py_ssize_t path_len;
-    if (PyBytes_AsStringAndSize(args[0], (char **)&path, &path_len) < 0)
+    if (PyBytes_AsStringAndSize(args[0], (char **)&f.path, &path_len) < 0)
         return NULL;
-    if ((Py_ssize_t)strlen(path) != path_len) {
+    if ((Py_ssize_t)strlen(f.path) != path_len) {
         PyErr_SetString(PyExc_ValueError, "embedded null byte in path");
         return NULL;
     }
-    long long offset = PyLong_AsLongLong(args[2]);
-    int create = PyObject_IsTrue(args[3]);
-    long uid = PyLong_AsLong(args[4]);
-    long gid = PyLong_AsLong(args[5]);
-    long mode = PyLong_AsLong(args[6]);
-    if (PyErr_Occurred() || create < 0)
+    f.offset = PyLong_AsLongLong(args[2]);
+    f.create = PyObject_IsTrue(args[3]);
+    f.uid = PyLong_AsLong(args[4]);
+    f.gid = PyLong_AsLong(args[5]);
+    f.mode = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred() || f.create < 0)
         return NULL;
-    int set_times = args[7] != Py_None;
-    struct timespec times[2];
-    if (set_times) {
-        long long ns[2];
-        for (int i = 0; i < 2; i++) {
-            ns[i] = PyLong_AsLongLong(args[7 + i]);
-            if (ns[i] == -1 && PyErr_Occurred())
-                return NULL;
-            /* floor division, so times before 1970 come out right */
-            long long sec = ns[i] / 1000000000LL, rem = ns[i] % 1000000000LL;
-            if (rem < 0) {
-                rem += 1000000000LL;
-                sec -= 1;
-            }
-            times[i].tv_sec = (time_t)sec;
-            times[i].tv_nsec = (long)rem;
-        }
+    f.set_times = args[7] != Py_None;
+    for (int i = 0; f.set_times && i < 2; i++) {
+        long long ns = PyLong_AsLongLong(args[7 + i]);
+        if (ns == -1 && PyErr_Occurred())
+            return NULL;
+        newfile_timespec(ns, &f.times[i]);
     }
     Py_buffer data;
     if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
         return NULL;
-
-    int status = DONE, err = 0, fd;
-    Py_ssize_t written = 0;
     Py_BEGIN_ALLOW_THREADS
-    fd = open(path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT | O_EXCL : 0), 0600);
-    if (fd < 0) {
-        status = NOT_CREATED;
-        err = errno;
-    }
-    while (status == DONE && written < data.len) {
-        ssize_t n = pwrite(fd, (const char *)data.buf + written, (size_t)(data.len - written),
-                           (off_t)(offset + written));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            status = WRITE_FAILED;
-            err = errno;
-        } else {
-            written += n;
-        }
-    }
-    if (status == DONE && uid != -1 && fchown(fd, (uid_t)uid, (gid_t)gid) < 0) {
-        status = META_FAILED;
-        err = errno;
-    }
-    if (status == DONE && fchmod(fd, (mode_t)mode) < 0) {
-        status = META_FAILED;
-        err = errno;
-    }
-    if (status == DONE && set_times && futimens(fd, times) < 0) {
-        status = META_FAILED;
-        err = errno;
-    }
-    if (status == DONE) {
-        close(fd);
-        fd = -1;
-    }
+    newfile_write(&f, data.buf, (size_t)data.len);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
-    if (status == NOT_CREATED)
-        fd = -1;
-    return Py_BuildValue("iini", status, err, written, fd);
+    return Py_BuildValue("iini", f.status, f.err, (Py_ssize_t)f.written, f.fd);
 }
 
 static PyMethodDef module_methods[] = {

@@ -305,9 +305,8 @@ class _TreeLoader:
         self._enter = enter  # whether the walk will enter the folder at this location
         self._ahead = ahead
         self._cond = threading.Condition()
-        self._queue: list[
-            tuple[tuple[int, ...], bytes, str]
-        ] = []  # heap of (key, tree ID, location)
+        # a heap of (key, tree ID, location)
+        self._queue: list[tuple[tuple[int, ...], bytes, str]] = []
         self._queued: set[bytes] = set()  # queued, being loaded or loaded, not yet taken
         self._dropped: set[bytes] = set()  # still in the heap, but the walk will not take it
         self._loaded: dict[bytes, list[Node] | Exception] = {}
@@ -917,16 +916,16 @@ class _Restorer:
         plain = buffers["plain"].view(max(b.loc.uncompressed_length for b, _f in small))
         results = self.local.codec.restore_files(self.key_raw, view, table, opened, plain, jobs)
         done: list[tuple[_File, int]] = []
-        unfinished = [(file, r) for (_b, file), r in zip(small, results, strict=True) if r[1] >= 2]
+        unfinished: list[tuple[_File, tuple[int, int, int, int, int]]] = []
+        for (blob, file), result in zip(small, results, strict=True):
+            check, status, _err, written, _fd = result
+            if check != 0 or status == 1:
+                rest.append(blob)  # the usual path tells what is wrong, or replaces what is there
+            elif status == 0:
+                done.append((file, written))
+            else:
+                unfinished.append((file, result))  # left open: the Python path finishes it
         try:
-            for (blob, file), (check, status, _err, written, _fd) in zip(
-                small, results, strict=True
-            ):
-                if check != 0 or status == 1:
-                    # the usual path tells what is wrong, or replaces what is in the way
-                    rest.append(blob)
-                elif status == 0:
-                    done.append((file, written))
             if done:
                 self.files_done(done)
             while unfinished:
