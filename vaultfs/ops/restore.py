@@ -1111,7 +1111,7 @@ class _Restorer:
         failure is left to the usual write, which reports it."""
         start = -offset % _ALIGN  # the first whole block, in data
         end = start + (len(data) - start) // _ALIGN * _ALIGN
-        if end - start < DIRECT_MIN // 2 or not _aligned_at(data, start):
+        if not _aligned_at(data, start):
             return data, offset, 0
         view = memoryview(data)
         try:
