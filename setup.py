@@ -28,6 +28,11 @@ setup(
             extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
         ),
         Extension(
+            "vaultfs.format._tree",
+            sources=["vaultfs/format/_tree.c"],
+            extra_compile_args=["-O2", "-std=c99", "-Wall"],
+        ),
+        Extension(
             "vaultfs.ops._files",
             sources=["vaultfs/ops/_files.c"],
             extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
