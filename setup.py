@@ -30,11 +30,13 @@ setup(
         Extension(
             "vaultfs.format._tree",
             sources=["vaultfs/format/_tree.c"],
+            depends=["vaultfs/_hexid.h"],
             extra_compile_args=["-O2", "-std=c99", "-Wall"],
         ),
         Extension(
             "vaultfs.ops._files",
             sources=["vaultfs/ops/_files.c"],
+            depends=["vaultfs/_hexid.h"],
             extra_compile_args=["-O2", "-std=gnu99", "-Wall"],
         ),
     ],

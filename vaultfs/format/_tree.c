@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../_hexid.h"
+
 enum {
     K_NAME, K_TYPE, K_MODE, K_MTIME, K_ATIME, K_CTIME, K_UID, K_GID, K_USER, K_GROUP, K_INODE,
     K_DEVICE_ID, K_SIZE, K_LINKS, K_LINKTARGET, K_LINKTARGET_RAW, K_XATTRS, K_GENERIC, K_DEVICE,
@@ -82,35 +84,6 @@ str_field(PyObject *v)
         return v;
     }
     return NULL;
-}
-
-static int
-hexval(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* bytes.fromhex of exactly 64 hex digits (a new reference); NULL without an error: not ours. */
-static PyObject *
-id_field(PyObject *v)
-{
-    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v) || PyUnicode_GET_LENGTH(v) != 64)
-        return NULL;
-    const unsigned char *s = PyUnicode_DATA(v);
-    unsigned char raw[32];
-    for (int i = 0; i < 32; i++) {
-        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
-        if (hi < 0 || lo < 0)
-            return NULL;
-        raw[i] = (unsigned char)(hi << 4 | lo);
-    }
-    return PyBytes_FromStringAndSize((const char *)raw, 32);
 }
 
 static int
@@ -335,7 +308,7 @@ fast_node(PyObject *doc, PyTypeObject *node_cls, PyTypeObject *time_cls, PyObjec
         if ((val[K_CONTENT] = PyList_New(n)) == NULL)
             goto done;
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *id = id_field(PyList_GET_ITEM(content, i));
+            PyObject *id = hex_id(PyList_GET_ITEM(content, i));
             if (id == NULL)
                 goto done;
             PyList_SET_ITEM(val[K_CONTENT], i, id);
@@ -346,7 +319,7 @@ fast_node(PyObject *doc, PyTypeObject *node_cls, PyTypeObject *time_cls, PyObjec
     if (raw[K_SUBTREE] == Py_None) {
         val[K_SUBTREE] = Py_None;
         Py_INCREF(Py_None);
-    } else if ((val[K_SUBTREE] = id_field(raw[K_SUBTREE])) == NULL) {
+    } else if ((val[K_SUBTREE] = hex_id(raw[K_SUBTREE])) == NULL) {
         goto done;
     }
 

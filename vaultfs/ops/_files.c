@@ -23,7 +23,10 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
+
+#include "../_hexid.h"
 
 /* Outcomes (the first item of each result). */
 enum { READ = 0, BIG = 1, OPEN_FAILED = 2, FAILED = 3, NOT_REGULAR = 4 };
@@ -477,9 +480,234 @@ scan_dir(PyObject *Py_UNUSED(module), PyObject *arg)
     return list;
 }
 
+/* -- change detection for unchanged files ----------------------------------------------------- */
+
+/* An unsigned value of a stat tuple; 0 when it is not one (the caller then leaves the entry alone). */
+static int
+stat_field(PyObject *st, Py_ssize_t i, unsigned long long *out)
+{
+    PyObject *v = PyTuple_GET_ITEM(st, i);
+    if (!PyLong_CheckExact(v))
+        return 0;
+    *out = PyLong_AsUnsignedLongLong(v);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+static int
+signed_field(PyObject *st, Py_ssize_t i, long long *out)
+{
+    PyObject *v = PyTuple_GET_ITEM(st, i);
+    if (!PyLong_CheckExact(v))
+        return 0;
+    *out = PyLong_AsLongLong(v);
+    if (*out == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* Whether doc[key] is an exact int equal to x. */
+static int
+same_int(PyObject *doc, const char *key, unsigned long long x)
+{
+    PyObject *v = PyDict_GetItemString(doc, key);
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    unsigned long long got = PyLong_AsUnsignedLongLong(v);
+    if (got == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return got == x;
+}
+
+/* Whether doc[key] is an exact str with exactly these ASCII bytes. */
+static int
+same_text(PyObject *doc, const char *key, const char *text, size_t len)
+{
+    PyObject *v = PyDict_GetItemString(doc, key);
+    return v != NULL && PyUnicode_CheckExact(v) && PyUnicode_IS_ASCII(v) &&
+           (size_t)PyUnicode_GET_LENGTH(v) == len && memcmp(PyUnicode_DATA(v), text, len) == 0;
+}
+
+/* Whether doc[key] is an exact str equal to the str name. */
+static int
+same_str(PyObject *doc, const char *key, PyObject *name)
+{
+    PyObject *v = PyDict_GetItemString(doc, key);
+    return v != NULL && PyUnicode_CheckExact(v) && PyUnicode_Compare(v, name) == 0;
+}
+
+/* The text LocalTime (vaultfs/ops/scan.py) makes of a time in nanoseconds: RFC 3339 in the local
+ * zone, the fraction without trailing zeros. Its length, or 0 when it has none (outside years 1-9999). */
+static size_t
+local_text(long long ns, char *out)
+{
+    long long sec = ns / 1000000000LL, frac = ns % 1000000000LL;
+    if (frac < 0) {
+        frac += 1000000000LL;
+        sec -= 1;
+    }
+    time_t t = (time_t)sec;
+    struct tm tm;
+    if (localtime_r(&t, &tm) == NULL || tm.tm_year + 1900 <= 0 || tm.tm_year + 1900 > 9999)
+        return 0;
+    int n = sprintf(out, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+                    tm.tm_hour, tm.tm_min, tm.tm_sec);
+    if (frac) {
+        n += sprintf(out + n, ".%09lld", frac);
+        while (out[n - 1] == '0')
+            n--;
+    }
+    long off = tm.tm_gmtoff;
+    if (off == 0) {
+        out[n++] = 'Z';
+    } else {
+        long a = off < 0 ? -off : off;
+        n += sprintf(out + n, "%c%02ld:%02ld", off > 0 ? '+' : '-', a / 3600, (a % 3600) / 60);
+    }
+    out[n] = 0;
+    return (size_t)n;
+}
+
+/* The content IDs of a parent's file entry as 32-byte bytes (a new list); NULL without an error when
+ * they are not all 64 hex digits. */
+static PyObject *
+content_ids(PyObject *content)
+{
+    if (content == NULL || !PyList_CheckExact(content))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(content);
+    PyObject *ids = PyList_New(n);
+    if (ids == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *id = hex_id(PyList_GET_ITEM(content, i));
+        if (id == NULL) {
+            Py_DECREF(ids);
+            return NULL; /* an error set, or not an ID */
+        }
+        PyList_SET_ITEM(ids, i, id);
+    }
+    return ids;
+}
+
+/* One entry of unchanged_files: its content IDs, or NULL (with an error set only on a real error). */
+static PyObject *
+unchanged_entry(PyObject *entry, PyObject *prev, PyObject *users, PyObject *groups)
+{
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+        return NULL;
+    PyObject *raw = PyTuple_GET_ITEM(entry, 0), *st = PyTuple_GET_ITEM(entry, 1);
+    if (!PyBytes_CheckExact(raw) || !PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) != 13)
+        return NULL;
+    /* Names that go_quote leaves as they are, and fs_name decodes to the same text. */
+    const char *name = PyBytes_AS_STRING(raw);
+    Py_ssize_t len = PyBytes_GET_SIZE(raw);
+    if (len == 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (c < 0x20 || c > 0x7e || c == '"' || c == '\\')
+            return NULL;
+    }
+    unsigned long long mode, ino, dev, nlink, uid, gid;
+    long long size, mtime, ctime;
+    if (!stat_field(st, 0, &mode) || !stat_field(st, 1, &ino) || !stat_field(st, 2, &dev) ||
+        !stat_field(st, 3, &nlink) || !stat_field(st, 4, &uid) || !stat_field(st, 5, &gid) ||
+        !signed_field(st, 6, &size) || !signed_field(st, 8, &mtime) || !signed_field(st, 9, &ctime))
+        return NULL;
+    if (!S_ISREG(mode) || size < 0)
+        return NULL;
+    PyObject *key = PyUnicode_DecodeASCII(name, len, NULL);
+    if (key == NULL)
+        return NULL;
+    PyObject *ids = NULL;
+    PyObject *doc = PyDict_GetItemWithError(prev, key);
+    if (doc == NULL || !PyDict_CheckExact(doc))
+        goto done;
+    /* The owner names backup has looked up so far; an id not among them is left to Python. */
+    PyObject *uid_obj = PyLong_FromUnsignedLongLong(uid), *gid_obj = PyLong_FromUnsignedLongLong(gid);
+    PyObject *user = uid_obj ? PyDict_GetItemWithError(users, uid_obj) : NULL;
+    PyObject *group = gid_obj ? PyDict_GetItemWithError(groups, gid_obj) : NULL;
+    Py_XDECREF(uid_obj);
+    Py_XDECREF(gid_obj);
+    if (user == NULL || group == NULL || !PyUnicode_CheckExact(user) || !PyUnicode_CheckExact(group))
+        goto done;
+    /* file_doc's keys: the optional ones only when not zero or empty. With the count equal and
+     * every expected key present and equal, the two dicts are equal. */
+    unsigned long long go_mode = (mode & 0777) | (mode & S_ISUID ? 1ULL << 23 : 0) |
+                                 (mode & S_ISGID ? 1ULL << 22 : 0) | (mode & S_ISVTX ? 1ULL << 20 : 0);
+    int has_user = PyUnicode_GET_LENGTH(user) > 0, has_group = PyUnicode_GET_LENGTH(group) > 0;
+    Py_ssize_t keys = 8 + (go_mode != 0) + has_user + has_group + (ino != 0) + (dev != 0) +
+                      (size != 0) + (nlink != 0);
+    if (PyDict_GET_SIZE(doc) != keys)
+        goto done;
+    char mtext[64], ctext[64];
+    size_t mlen = local_text(mtime, mtext), clen = local_text(ctime, ctext);
+    if (mlen == 0 || clen == 0)
+        goto done;
+    if (!same_str(doc, "name", key) || !same_text(doc, "type", "file", 4) ||
+        (go_mode && !same_int(doc, "mode", go_mode)) || !same_text(doc, "mtime", mtext, mlen) ||
+        !same_text(doc, "atime", mtext, mlen) || !same_text(doc, "ctime", ctext, clen) ||
+        !same_int(doc, "uid", uid) || !same_int(doc, "gid", gid) ||
+        (has_user && !same_str(doc, "user", user)) || (has_group && !same_str(doc, "group", group)) ||
+        (ino && !same_int(doc, "inode", ino)) || (dev && !same_int(doc, "device_id", dev)) ||
+        (size && !same_int(doc, "size", (unsigned long long)size)) ||
+        (nlink && !same_int(doc, "links", nlink)))
+        goto done;
+    ids = content_ids(PyDict_GetItemString(doc, "content"));
+done:
+    Py_DECREF(key);
+    return ids;
+}
+
+PyDoc_STRVAR(unchanged_files_doc,
+"unchanged_files(entries, previous, users, groups, /) -> list[list[bytes] | None]\n\n"
+"For scan_dir's entries, the parent tree's entries by name, and the uid -> user and gid -> group\n"
+"names looked up so far: for each regular file whose node would encode to the parent's entry\n"
+"unchanged (file_doc(...) == previous[name], so size, inode, mtime and ctime are the same too),\n"
+"the parent's content IDs; None for everything else (Python then decides as it always does).\n"
+"Only plain ASCII names, known owners and entries without extended attributes are taken.");
+
+static PyObject *
+unchanged_files(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2]) ||
+        !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "unchanged_files(list, dict, dict, dict)");
+        return NULL;
+    }
+    PyObject *entries = args[0];
+    Py_ssize_t n = PyList_GET_SIZE(entries);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ids = unchanged_entry(PyList_GET_ITEM(entries, i), args[1], args[2], args[3]);
+        if (ids == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            ids = Py_None;
+            Py_INCREF(ids);
+        }
+        PyList_SET_ITEM(out, i, ids);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"read_files", (PyCFunction)(void (*)(void))read_files, METH_FASTCALL, read_files_doc},
     {"scan_dir", (PyCFunction)scan_dir, METH_O, scan_dir_doc},
+    {"unchanged_files", (PyCFunction)(void (*)(void))unchanged_files, METH_FASTCALL,
+     unchanged_files_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -111,10 +111,11 @@ if NATIVE:
     try:
         from vaultfs.ops._files import read_files as _read_files
         from vaultfs.ops._files import scan_dir as _scan_dir
+        from vaultfs.ops._files import unchanged_files as _unchanged_files
     except ImportError:  # built without it: the Python path reads small files one by one
-        _read_files = _scan_dir = None
+        _read_files = _scan_dir = _unchanged_files = None
 else:
-    _read_files = _scan_dir = None
+    _read_files = _scan_dir = _unchanged_files = None
 
 #: Threads reading and chunking files.
 DEFAULT_READERS = 2
@@ -485,27 +486,29 @@ class _Pending:
 
 class _Listing:
     """A scanned folder: its entries (name, lstat or error) in byte order, or the error listing it
-    gave, and its parent tree's entries (None: no parent tree here)."""
+    gave, and its parent tree's entries (None: no parent tree here). From ``_files.scan_dir`` an
+    lstat is its stat tuple and an error its errno (see ``_entry_stat``)."""
 
     __slots__ = ("entries", "error", "previous", "expected")
 
     def __init__(self) -> None:
-        self.entries: list[tuple[bytes, os.stat_result | OSError]] = []
+        self.entries: list[tuple[bytes, os.stat_result | OSError | tuple[int, ...] | int]] = []
         self.error: OSError | None = None
         self.previous: dict[str, dict[str, Any]] | None = None
         self.expected = 0
 
 
 class _Unchanged:
-    """A file equal to the parent snapshot's: its node is only made if its folder's tree changed."""
+    """A file equal to the parent snapshot's: its node is only made if its folder's tree changed.
+    ``st`` may still be scan_dir's stat tuple, and ``times`` empty: both are made when needed."""
 
-    __slots__ = ("name", "path", "st", "mtime", "ctime", "xattrs", "content")
+    __slots__ = ("name", "path", "st", "times", "xattrs", "content")
 
     def __init__(
         self,
         name: str,
         path: bytes,
-        st: os.stat_result,
+        st: os.stat_result | tuple[int, ...],
         times: list[LocalTime],
         xattrs: list[tuple[str, bytes]],
         content: list[bytes],
@@ -513,18 +516,20 @@ class _Unchanged:
         self.name = name
         self.path = path
         self.st = st
-        self.mtime, self.ctime = times
+        self.times = times
         self.xattrs = xattrs
         self.content = content
 
     def node(self, owners: OwnerNames) -> Node:
+        st = self.st if isinstance(self.st, os.stat_result) else _stat_result(self.st)
+        mtime, ctime = self.times or (LocalTime(st.st_mtime_ns), LocalTime(st.st_ctime_ns))
         node = node_from_stat(
             self.name,
             self.path,
-            self.st,
+            st,
             owners,
-            mtime=self.mtime,
-            ctime=self.ctime,
+            mtime=mtime,
+            ctime=ctime,
             xattrs=self.xattrs,
         )
         node.content = self.content
@@ -884,10 +889,7 @@ class _Backup:
             if isinstance(found, int):
                 listing.error = OSError(found, os.strerror(found))
                 return listing
-            listing.entries = [
-                (raw, _stat_result(st) if isinstance(st, tuple) else OSError(st, os.strerror(st)))
-                for raw, st in found
-            ]
+            listing.entries = found  # stat tuples and errnos: see _entry_stat
             listing.previous, listing.expected = self.load_previous(previous)
             return listing
         try:
@@ -1000,6 +1002,37 @@ class _Backup:
             d.same = False
         d.nodes.append(node)
 
+    def unchanged_files(
+        self, listing: _Listing, prev: dict[str, dict[str, Any]]
+    ) -> list[list[bytes] | None] | None:
+        """For each entry, the parent's content IDs when it is a file whose node would encode to the
+        parent's entry unchanged (found by one C call for the folder); None where Python decides.
+        Only without excludes, whose checks come first (see add_entry)."""
+        if (
+            _unchanged_files is None
+            or not prev
+            or self.excluder.patterns
+            or self.excluder.devices is not None
+        ):
+            return None
+        users, groups = self.owners.known()
+        return _unchanged_files(listing.entries, prev, users, groups)
+
+    def add_unchanged(
+        self, d: _Dir, name: str, path: bytes, st: tuple[int, ...], content: list[bytes]
+    ) -> bool:
+        """add_file for a file ``unchanged_files`` found equal to the parent's entry (which has no
+        extended attributes): False if a blob of it is no longer in the index."""
+        has = self.index.has
+        for blob_id in content:
+            if not has(blob_id, DATA):
+                return False
+        self.unmodified_files += 1
+        self.unmodified_bytes += st[6]
+        entry = _Unchanged(name, path, st, [], [], content)
+        d.nodes.append(entry if d.same else entry.node(self.owners))
+        return True
+
     def add_file(
         self,
         d: _Dir,
@@ -1110,9 +1143,15 @@ class _Backup:
             subdirs: list[_Pending] = []
             base = item.path if item.path.endswith(b"/") else item.path + b"/"
             abase = item.abspath if item.abspath.endswith("/") else item.abspath + "/"
-            for raw, st in listing.entries:
+            reusable = self.unchanged_files(listing, prev)
+            for i, (raw, st) in enumerate(listing.entries):
                 name = fs_name(raw)
-                self.add_entry(d, name, base + raw, abase + name, prev.get(name), subdirs, st)
+                ids = reusable[i] if reusable is not None else None
+                if ids is not None and self.add_unchanged(d, name, base + raw, st, ids):
+                    continue
+                self.add_entry(
+                    d, name, base + raw, abase + name, prev.get(name), subdirs, _entry_stat(st)
+                )
             self.complete(d, -1, None)
             stack.extend(reversed(subdirs))
         self.submit_batch()
@@ -1447,6 +1486,15 @@ def _xattrs_of(prev: dict[str, Any]) -> list[tuple[str, bytes]] | None:
 
 def _abspath(path: bytes) -> str:
     return go_clean(os.fsdecode(os.path.join(os.getcwdb(), path)))
+
+
+def _entry_stat(st: os.stat_result | OSError | tuple[int, ...] | int) -> os.stat_result | OSError:
+    """A listing's lstat as add_entry takes it (scan_dir gives a stat tuple or an errno)."""
+    if isinstance(st, tuple) and not isinstance(st, os.stat_result):
+        return _stat_result(st)
+    if isinstance(st, int):
+        return OSError(st, os.strerror(st))
+    return st
 
 
 def _stat_result(t: tuple[int, ...]) -> os.stat_result:

@@ -140,6 +140,10 @@ class OwnerNames:
             self._users[uid] = name
         return name
 
+    def known(self) -> tuple[dict[int, str], dict[int, str]]:
+        """The uid -> user and gid -> group names looked up so far (live: not to be changed)."""
+        return self._users, self._groups
+
     def group(self, gid: int) -> str:
         name = self._groups.get(gid)
         if name is None:
