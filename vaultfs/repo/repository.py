@@ -41,7 +41,7 @@ from vaultfs.format.pack import DATA, TREE, TYPE_NAMES, PackedBlob
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import Node, decode_tree, encode_tree
 from vaultfs.repo.locks import HeldLock, LockManager, hostname, username
-from vaultfs.repo.masterindex import BlobLocation, MasterIndex
+from vaultfs.repo.masterindex import BlobLocation, MasterIndex, preload_numpy
 from vaultfs.repo.packer import DEFAULT_PACK_SIZE, PackWriter
 
 # restic flushes an intermediate index at this many blobs
@@ -136,6 +136,7 @@ class Repository:
             names.sort(key=lambda n: not n.startswith(key_hint))
         master, key_id = None, ""
         problems = []
+        preload_numpy()  # while the key derivation runs
         for name in names:
             try:
                 raw = backend.read("keys", name)
