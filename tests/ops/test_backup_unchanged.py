@@ -124,6 +124,10 @@ def check_folder(
         if want is not None and plain and not (prev.get(name) or {}).get("extended_attributes"):
             assert ids == want, name  # and for plain files it says as much
         taken[name] = ids is not None
+        if ids is not None:  # its JSON, written from the parent's entry, is the node's
+            entry = backup_module._Unchanged(name, os.fsencode(folder) + b"/" + raw, t, [], [], ids)
+            entry.doc = prev[name]
+            assert entry.encode() == entry.node(owners).encode(), name
     return taken
 
 

@@ -38,6 +38,8 @@ _JSON_NEEDS_ESCAPE = re.compile('["\\\\<>&\u2028\u2029\x00-\x1f]')
 
 def json_string(value: str | bytes) -> str:
     """Encode a string as Go's encoding/json does (with the quotes)."""
+    if isinstance(value, str) and value.isascii() and _JSON_NEEDS_ESCAPE.search(value) is None:
+        return '"' + value + '"'  # the common case: nothing to replace or escape
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     else:

@@ -83,7 +83,7 @@ import zstandard
 from vaultfs.chunker import MAX_SIZE, MIN_SIZE, READ_SIZE, Chunker
 from vaultfs.crypto import NATIVE, OVERHEAD
 from vaultfs.errors import UsageError, VaultError
-from vaultfs.format.gojson import GoTime, go_quote, go_unquote
+from vaultfs.format.gojson import GoTime, go_quote, go_unquote, json_string
 from vaultfs.format.pack import DATA, TREE
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import (
@@ -500,9 +500,13 @@ class _Listing:
 
 class _Unchanged:
     """A file equal to the parent snapshot's: its node is only made if its folder's tree changed.
-    ``st`` may still be scan_dir's stat tuple, and ``times`` empty: both are made when needed."""
+    ``st`` may still be scan_dir's stat tuple, and ``times`` empty: both are made when needed.
 
-    __slots__ = ("name", "path", "st", "times", "xattrs", "content")
+    ``doc`` is the parent's entry when ``_files.unchanged_files`` found the file's node would encode
+    to it (a plain file: ASCII name, no extended attributes): ``encode`` then writes that node's
+    JSON from it, as Node.encode would, without making the node."""
+
+    __slots__ = ("name", "path", "st", "times", "xattrs", "content", "doc")
 
     def __init__(
         self,
@@ -519,6 +523,31 @@ class _Unchanged:
         self.times = times
         self.xattrs = xattrs
         self.content = content
+        self.doc: dict[str, Any] | None = None
+
+    def encode(self) -> str:
+        """Node.encode of this file's node, from ``doc`` (set only where it applies). Node.encode's
+        fields in its order; a file has no link target, device, subtree or error."""
+        doc = self.doc
+        assert doc is not None
+        parts = ['{"name":', json_string(doc["name"]), ',"type":"file"']
+        mode = doc.get("mode")
+        if mode:
+            parts.append(f',"mode":{mode}')
+        parts.append(
+            f',"mtime":"{doc["mtime"]}","atime":"{doc["atime"]}","ctime":"{doc["ctime"]}"'
+            f',"uid":{doc["uid"]},"gid":{doc["gid"]}'
+        )
+        for key in ("user", "group"):
+            text = doc.get(key)
+            if text:
+                parts.append(f',"{key}":{json_string(text)}')
+        for key in ("inode", "device_id", "size", "links"):
+            number = doc.get(key)
+            if number:
+                parts.append(f',"{key}":{number}')
+        parts.append(',"content":[' + ",".join(f'"{c.hex()}"' for c in self.content) + "]}")
+        return "".join(parts)
 
     def node(self, owners: OwnerNames) -> Node:
         st = self.st if isinstance(self.st, os.stat_result) else _stat_result(self.st)
@@ -841,7 +870,11 @@ class _Backup:
             # Every entry equals the parent's and none is missing: the parent's tree, which the
             # index has (it was read from the vault), byte for byte.
             return d.previous
-        nodes = [e.node(self.owners) if isinstance(e, _Unchanged) else e for e in entries]
+        # An unchanged plain file encodes itself from the parent's entry (see _Unchanged.encode).
+        nodes = [
+            e.node(self.owners) if isinstance(e, _Unchanged) and e.doc is None else e
+            for e in entries
+        ]
         return self.store(TREE, encode_tree([n for n in nodes if n is not None]))
 
     def drop_dir(self, d: _Dir) -> None:
@@ -1019,10 +1052,16 @@ class _Backup:
         return _unchanged_files(listing.entries, prev, users, groups)
 
     def add_unchanged(
-        self, d: _Dir, name: str, path: bytes, st: tuple[int, ...], content: list[bytes]
+        self,
+        d: _Dir,
+        name: str,
+        path: bytes,
+        st: tuple[int, ...],
+        content: list[bytes],
+        doc: dict[str, Any],
     ) -> bool:
-        """add_file for a file ``unchanged_files`` found equal to the parent's entry (which has no
-        extended attributes): False if a blob of it is no longer in the index."""
+        """add_file for a file ``unchanged_files`` found equal to the parent's entry ``doc`` (which
+        has no extended attributes): False if a blob of it is no longer in the index."""
         has = self.index.has
         for blob_id in content:
             if not has(blob_id, DATA):
@@ -1030,7 +1069,8 @@ class _Backup:
         self.unmodified_files += 1
         self.unmodified_bytes += st[6]
         entry = _Unchanged(name, path, st, [], [], content)
-        d.nodes.append(entry if d.same else entry.node(self.owners))
+        entry.doc = doc  # whether or not the folder's tree is made anew: the entry encodes itself
+        d.nodes.append(entry)
         return True
 
     def add_file(
@@ -1147,7 +1187,7 @@ class _Backup:
             for i, (raw, st) in enumerate(listing.entries):
                 name = fs_name(raw)
                 ids = reusable[i] if reusable is not None else None
-                if ids is not None and self.add_unchanged(d, name, base + raw, st, ids):
+                if ids is not None and self.add_unchanged(d, name, base + raw, st, ids, prev[name]):
                     continue
                 self.add_entry(
                     d, name, base + raw, abase + name, prev.get(name), subdirs, _entry_stat(st)
