@@ -511,11 +511,29 @@ signed_field(PyObject *st, Py_ssize_t i, long long *out)
     return 1;
 }
 
+/* The parent entries' keys, made once (PyDict_GetItemString would make a str per look-up). */
+enum { D_NAME, D_TYPE, D_MODE, D_MTIME, D_ATIME, D_CTIME, D_UID, D_GID, D_USER, D_GROUP, D_INODE,
+       D_DEVICE_ID, D_SIZE, D_LINKS, D_CONTENT, D_COUNT };
+static const char *doc_key_names[D_COUNT] = {
+    "name", "type", "mode", "mtime", "atime", "ctime", "uid", "gid", "user", "group", "inode",
+    "device_id", "size", "links", "content",
+};
+static PyObject *doc_keys[D_COUNT];
+
+static PyObject *
+doc_get(PyObject *doc, int key)
+{
+    PyObject *v = PyDict_GetItemWithError(doc, doc_keys[key]);
+    if (v == NULL)
+        PyErr_Clear(); /* str keys: no error to keep */
+    return v;
+}
+
 /* Whether doc[key] is an exact int equal to x. */
 static int
-same_int(PyObject *doc, const char *key, unsigned long long x)
+same_int(PyObject *doc, int key, unsigned long long x)
 {
-    PyObject *v = PyDict_GetItemString(doc, key);
+    PyObject *v = doc_get(doc, key);
     if (v == NULL || !PyLong_CheckExact(v))
         return 0;
     unsigned long long got = PyLong_AsUnsignedLongLong(v);
@@ -528,18 +546,18 @@ same_int(PyObject *doc, const char *key, unsigned long long x)
 
 /* Whether doc[key] is an exact str with exactly these ASCII bytes. */
 static int
-same_text(PyObject *doc, const char *key, const char *text, size_t len)
+same_text(PyObject *doc, int key, const char *text, size_t len)
 {
-    PyObject *v = PyDict_GetItemString(doc, key);
+    PyObject *v = doc_get(doc, key);
     return v != NULL && PyUnicode_CheckExact(v) && PyUnicode_IS_ASCII(v) &&
            (size_t)PyUnicode_GET_LENGTH(v) == len && memcmp(PyUnicode_DATA(v), text, len) == 0;
 }
 
 /* Whether doc[key] is an exact str equal to the str name. */
 static int
-same_str(PyObject *doc, const char *key, PyObject *name)
+same_str(PyObject *doc, int key, PyObject *name)
 {
-    PyObject *v = PyDict_GetItemString(doc, key);
+    PyObject *v = doc_get(doc, key);
     return v != NULL && PyUnicode_CheckExact(v) && PyUnicode_Compare(v, name) == 0;
 }
 
@@ -553,9 +571,25 @@ local_text(long long ns, char *out)
         frac += 1000000000LL;
         sec -= 1;
     }
-    time_t t = (time_t)sec;
+    /* Files of a folder often share seconds: the last two conversions are kept (the GIL guards them). */
+    static long long cached_sec[2] = {0, 0};
+    static struct tm cached_tm[2];
+    static int cached_ok[2] = {0, 0}, next_slot = 0;
     struct tm tm;
-    if (localtime_r(&t, &tm) == NULL || tm.tm_year + 1900 <= 0 || tm.tm_year + 1900 > 9999)
+    if (cached_ok[0] && cached_sec[0] == sec) {
+        tm = cached_tm[0];
+    } else if (cached_ok[1] && cached_sec[1] == sec) {
+        tm = cached_tm[1];
+    } else {
+        time_t t = (time_t)sec;
+        if (localtime_r(&t, &tm) == NULL)
+            return 0;
+        cached_sec[next_slot] = sec;
+        cached_tm[next_slot] = tm;
+        cached_ok[next_slot] = 1;
+        next_slot ^= 1;
+    }
+    if (tm.tm_year + 1900 <= 0 || tm.tm_year + 1900 > 9999)
         return 0;
     int n = sprintf(out, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
                     tm.tm_hour, tm.tm_min, tm.tm_sec);
@@ -652,16 +686,16 @@ unchanged_entry(PyObject *entry, PyObject *prev, PyObject *users, PyObject *grou
     size_t mlen = local_text(mtime, mtext), clen = local_text(ctime, ctext);
     if (mlen == 0 || clen == 0)
         goto done;
-    if (!same_str(doc, "name", key) || !same_text(doc, "type", "file", 4) ||
-        (go_mode && !same_int(doc, "mode", go_mode)) || !same_text(doc, "mtime", mtext, mlen) ||
-        !same_text(doc, "atime", mtext, mlen) || !same_text(doc, "ctime", ctext, clen) ||
-        !same_int(doc, "uid", uid) || !same_int(doc, "gid", gid) ||
-        (has_user && !same_str(doc, "user", user)) || (has_group && !same_str(doc, "group", group)) ||
-        (ino && !same_int(doc, "inode", ino)) || (dev && !same_int(doc, "device_id", dev)) ||
-        (size && !same_int(doc, "size", (unsigned long long)size)) ||
-        (nlink && !same_int(doc, "links", nlink)))
+    if (!same_str(doc, D_NAME, key) || !same_text(doc, D_TYPE, "file", 4) ||
+        (go_mode && !same_int(doc, D_MODE, go_mode)) || !same_text(doc, D_MTIME, mtext, mlen) ||
+        !same_text(doc, D_ATIME, mtext, mlen) || !same_text(doc, D_CTIME, ctext, clen) ||
+        !same_int(doc, D_UID, uid) || !same_int(doc, D_GID, gid) ||
+        (has_user && !same_str(doc, D_USER, user)) || (has_group && !same_str(doc, D_GROUP, group)) ||
+        (ino && !same_int(doc, D_INODE, ino)) || (dev && !same_int(doc, D_DEVICE_ID, dev)) ||
+        (size && !same_int(doc, D_SIZE, (unsigned long long)size)) ||
+        (nlink && !same_int(doc, D_LINKS, nlink)))
         goto done;
-    ids = content_ids(PyDict_GetItemString(doc, "content"));
+    ids = content_ids(doc_get(doc, D_CONTENT));
 done:
     Py_DECREF(key);
     return ids;
@@ -719,5 +753,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__files(void)
 {
+    for (int k = 0; k < D_COUNT; k++) {
+        if ((doc_keys[k] = PyUnicode_InternFromString(doc_key_names[k])) == NULL)
+            return NULL;
+    }
     return PyModule_Create(&module);
 }
