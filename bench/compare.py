@@ -42,6 +42,7 @@ class Measurement:
     wall: float  # seconds
     cpu: float  # user + system seconds of the child
     rss_kb: int  # peak resident set size
+    sys: float = 0.0  # the kernel's part of ``cpu`` (file creation and page cache writes show here)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Bench:
             raise RuntimeError(
                 f"{' '.join(cmd)} exited with {proc.returncode}:\n{err.decode(errors='replace')}"
             )
-        return Measurement(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+        return Measurement(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, usage.ru_stime)
 
     def vault(self, *args: str) -> Measurement:
         return self.run([*VAULT, "-r", str(self.vault_repo), *args])
@@ -258,8 +259,9 @@ def main(argv: Sequence[str] | None = None, scenarios: list | None = None) -> in
                 v, r = func(bench)
                 print(
                     f"round {rnd + 1} {name}: vaultfs {v.wall:.2f}s cpu {v.cpu:.2f}s "
-                    f"{v.rss_kb // 1024}MB | restic {r.wall:.2f}s cpu {r.cpu:.2f}s "
-                    f"{r.rss_kb // 1024}MB | load {os.getloadavg()[0]:.1f}",
+                    f"(sys {v.sys:.2f}s) {v.rss_kb // 1024}MB | restic {r.wall:.2f}s "
+                    f"cpu {r.cpu:.2f}s (sys {r.sys:.2f}s) {r.rss_kb // 1024}MB | "
+                    f"load {os.getloadavg()[0]:.1f}",
                     file=sys.stderr,
                     flush=True,
                 )
