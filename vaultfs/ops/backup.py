@@ -83,7 +83,7 @@ import zstandard
 from vaultfs.chunker import MAX_SIZE, MIN_SIZE, READ_SIZE, Chunker
 from vaultfs.crypto import NATIVE, OVERHEAD
 from vaultfs.errors import UsageError, VaultError
-from vaultfs.format.gojson import GoTime, go_quote, go_unquote, json_string
+from vaultfs.format.gojson import GoTime, go_quote, go_unquote
 from vaultfs.format.pack import DATA, TREE
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import (
@@ -98,6 +98,7 @@ from vaultfs.ops.scan import (
     LocalTime,
     OwnerNames,
     file_doc,
+    file_json,
     node_from_stat,
     node_type,
     read_xattrs,
@@ -516,6 +517,7 @@ class _Unchanged:
         times: list[LocalTime],
         xattrs: list[tuple[str, bytes]],
         content: list[bytes],
+        doc: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -523,31 +525,12 @@ class _Unchanged:
         self.times = times
         self.xattrs = xattrs
         self.content = content
-        self.doc: dict[str, Any] | None = None
+        self.doc = doc
 
     def encode(self) -> str:
-        """Node.encode of this file's node, from ``doc`` (set only where it applies). Node.encode's
-        fields in its order; a file has no link target, device, subtree or error."""
-        doc = self.doc
-        assert doc is not None
-        parts = ['{"name":', json_string(doc["name"]), ',"type":"file"']
-        mode = doc.get("mode")
-        if mode:
-            parts.append(f',"mode":{mode}')
-        parts.append(
-            f',"mtime":"{doc["mtime"]}","atime":"{doc["atime"]}","ctime":"{doc["ctime"]}"'
-            f',"uid":{doc["uid"]},"gid":{doc["gid"]}'
-        )
-        for key in ("user", "group"):
-            text = doc.get(key)
-            if text:
-                parts.append(f',"{key}":{json_string(text)}')
-        for key in ("inode", "device_id", "size", "links"):
-            number = doc.get(key)
-            if number:
-                parts.append(f',"{key}":{number}')
-        parts.append(',"content":[' + ",".join(f'"{c.hex()}"' for c in self.content) + "]}")
-        return "".join(parts)
+        """Node.encode of this file's node, written from ``doc`` (only where it is set)."""
+        assert self.doc is not None
+        return file_json(self.doc, self.content)
 
     def node(self, owners: OwnerNames) -> Node:
         st = self.st if isinstance(self.st, os.stat_result) else _stat_result(self.st)
@@ -1068,9 +1051,8 @@ class _Backup:
                 return False
         self.unmodified_files += 1
         self.unmodified_bytes += st[6]
-        entry = _Unchanged(name, path, st, [], [], content)
-        entry.doc = doc  # whether or not the folder's tree is made anew: the entry encodes itself
-        d.nodes.append(entry)
+        # Whether or not the folder's tree is made anew, the entry encodes itself from doc.
+        d.nodes.append(_Unchanged(name, path, st, [], [], content, doc))
         return True
 
     def add_file(

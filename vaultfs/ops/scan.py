@@ -29,8 +29,9 @@ import os
 import pwd
 import stat
 import time
+from typing import Any
 
-from vaultfs.format.gojson import GoTime
+from vaultfs.format.gojson import GoTime, json_string
 from vaultfs.format.tree import Node, fs_name, go_mode_from_stat
 
 # errno values meaning "no extended attributes here" rather than a failure: restic 0.14 ignores the same
@@ -283,10 +284,36 @@ def file_doc(
     return doc
 
 
+def file_json(doc: dict[str, Any], content: list[bytes]) -> str:
+    """``Node.encode`` of the regular file whose ``file_doc`` is ``doc`` (its content IDs as bytes),
+    written from the doc without making the node: Node.encode's fields in its order, the optional
+    ones as file_doc leaves them out; a file has no link target, device, subtree or error. Only for
+    docs without extended attributes (backup uses it for files equal to the parent's entry)."""
+    parts = ['{"name":', json_string(doc["name"]), ',"type":"file"']
+    mode = doc.get("mode")
+    if mode:
+        parts.append(f',"mode":{mode}')
+    parts.append(
+        f',"mtime":"{doc["mtime"]}","atime":"{doc["atime"]}","ctime":"{doc["ctime"]}"'
+        f',"uid":{doc["uid"]},"gid":{doc["gid"]}'
+    )
+    for key in ("user", "group"):
+        text = doc.get(key)
+        if text:
+            parts.append(f',"{key}":{json_string(text)}')
+    for key in ("inode", "device_id", "size", "links"):
+        number = doc.get(key)
+        if number:
+            parts.append(f',"{key}":{number}')
+    parts.append(',"content":[' + ",".join(f'"{c.hex()}"' for c in content) + "]}")
+    return "".join(parts)
+
+
 __all__ = [
     "LocalTime",
     "OwnerNames",
     "file_doc",
+    "file_json",
     "node_from_stat",
     "node_type",
     "read_xattrs",
