@@ -168,11 +168,18 @@ parse_time(PyObject *text, int64_t *ns_out, int *offset_out)
     return 1;
 }
 
+/* Missing (None here), null or "": what ``x or default`` in from_json replaces. */
+static int
+falsy_or_missing(PyObject *v)
+{
+    return v == Py_None || (PyUnicode_CheckExact(v) && PyUnicode_GET_LENGTH(v) == 0);
+}
+
 /* A GoTime for a time field (a new reference); NULL without an error: not ours. */
 static PyObject *
 time_field(PyObject *v, PyTypeObject *time_cls, PyObject *zero_time)
 {
-    if (v == Py_None || (PyUnicode_CheckExact(v) && PyUnicode_GET_LENGTH(v) == 0)) {
+    if (falsy_or_missing(v)) {
         Py_INCREF(zero_time);
         return zero_time;
     }
@@ -225,11 +232,6 @@ plain_name(PyObject *name)
     return 1;
 }
 
-static int
-falsy_or_missing(PyObject *v)
-{
-    return v == Py_None || (PyUnicode_CheckExact(v) && PyUnicode_GET_LENGTH(v) == 0);
-}
 
 /* One node, or NULL without an error when the fallback must decide, or NULL with an error. */
 static PyObject *
