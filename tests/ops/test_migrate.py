@@ -183,7 +183,8 @@ def test_damaged_source_file_is_not_copied_and_the_copy_gets_no_config(source, t
     src = copy_of(source, tmp_path)
     snap = next((src.path / "snapshots").iterdir())
     snap.chmod(0o600)
-    snap.write_bytes(b"x" + snap.read_bytes()[1:])
+    raw = snap.read_bytes()
+    snap.write_bytes(bytes([raw[0] ^ 1]) + raw[1:])  # a constant byte would match 1 time in 256
     report = migrate(LocalBackend(str(src.path)), LocalBackend(str(tmp_path / "t")))
     assert report.corrupt == [f"snapshots/{snap.name}"] and not report.ok
     assert not (tmp_path / "t" / "config").exists()

@@ -124,7 +124,7 @@ class FlakyBackend(Backend):
         self.reads[name] = self.reads.get(name, 0) + 1
         if name in self.bad or name in self.bad_once:
             self.bad_once.discard(name)
-            data = b"\x00" + data[1:]
+            data = bytes([data[0] ^ 1]) + data[1:]  # never the byte it was
         return data
 
     def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:

@@ -228,7 +228,7 @@ def test_large_uploads_written_past_the_page_cache(client, server, bucket):
         assert client.post(f"data/{name}", content=data).status_code == 200
         assert client.get(f"data/{name}").content == data
     data, name = blob(2 * (1 << 20) + 1)
-    assert client.post(f"data/{name}", content=data[:-1] + b"!").status_code == 400
+    assert client.post(f"data/{name}", content=data[:-1] + bytes([data[-1] ^ 1])).status_code == 400
     assert client.head(f"data/{name}").status_code == 404
     assert list(bucket_dir(server, bucket.name).rglob(f"{name}*")) == []
 
