@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None, scenarios: list | None = None) -> in
                     f"waiting {args.settle:.0f} s before the restores", file=sys.stderr, flush=True
                 )
                 time.sleep(args.settle)
-            for rnd in range(args.repeat if group else 0):
+            for rnd in range(args.repeat):
                 bench.round = rnd
                 for name, func, _target in group:
                     v, r = func(bench)
