@@ -113,6 +113,7 @@ def _setup_logging(access_log: str) -> None:
 def run(args: argparse.Namespace, out: Output) -> int:
     import trio
 
+    from vaultfs.server.app import one_error
     from vaultfs.server.main import Server
 
     config = load(
@@ -127,7 +128,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
     server = Server(config)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
+        # one_error: a failure to start (the address is in use, ...) leaves the nursery as itself, so
+        # it is the one-line error of its kind rather than a traceback of an exception group.
+        async with one_error(), trio.open_nursery() as nursery:
             urls = await nursery.start(functools.partial(server.run, handle_signals=True))
             if out.json:
                 out.emit_line({"message_type": "listening", "urls": urls})

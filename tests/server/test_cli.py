@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -125,6 +126,18 @@ def test_bad_config_is_a_usage_error(tmp_path):
     assert "read_timeout" in one_line_error(
         vault("serve", "--config", config, password=None, expect=2)
     )
+
+
+def test_address_in_use_is_a_usage_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = one_line_error(
+            vault("serve", "--data", tmp_path / "data", "--listen", f"127.0.0.1:{port}",
+                  password=None, expect=2)
+        )  # fmt: skip
+    assert err == f"vault: error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
