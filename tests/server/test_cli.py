@@ -155,7 +155,8 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
         vault("-r", loc, "init", env=ca)
         assert json.loads(vault("-r", loc, "snapshots", "--json", env=ca).out) == []
         failed = vault("-r", loc, "snapshots", expect=1)  # the system CAs do not know ours
-        assert "certificate" in one_line_error(failed).lower()
+        assert "certificate verify failed" in one_line_error(failed)
+        assert "pass that CA's certificate with --cacert" in one_line_error(failed)
         ctx = ssl.create_default_context(cafile=str(cert))
         assert httpx.get(server.url + "healthz", verify=ctx).text == "ok\n"
     finally:

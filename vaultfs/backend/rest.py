@@ -54,6 +54,16 @@ _PARTIAL_WAIT = 10.0
 _PARTIAL_SETTLE = 0.25
 
 
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc``'s chain of causes (httpx wraps the ssl error)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None or isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def parse_rest_location(location: str) -> tuple[str, str | None, str | None]:
     """Split ``rest:URL`` into (base URL ending in "/" without credentials, user, password).
 
@@ -159,6 +169,12 @@ class RestBackend(Backend):
 
     def _transport_error(self, method: str, what: str, exc: Exception) -> BackendError:
         reason = str(exc) or type(exc).__name__
+        if _cause(exc, ssl.SSLCertVerificationError) is not None:
+            # Permanent: retrying cannot make the server's certificate trusted.
+            return BackendError(
+                f"{method} {what} at {self.location} failed: {reason}; if the server's certificate "
+                "comes from a private CA, pass that CA's certificate with --cacert (or VAULT_CACERT)"
+            )
         return BackendError(
             f"{method} {what} at {self.location} failed: {reason}; check that the server is reachable",
             temporary=True,
