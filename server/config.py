@@ -15,6 +15,7 @@ verify_uploads = true              # refuse uploads whose SHA-256 is not their n
 read_timeout = 60                  # seconds a client may send nothing while we wait for it
 keepalive_timeout = 75             # seconds an idle connection is kept open
 shutdown_grace = 30                # seconds in-flight requests get after SIGTERM
+abandoned_upload_seconds = 600     # an upload temp file unwritten this long is removed (crash debris)
 max_connections = 512
 io_threads = 16                    # worker threads for disk I/O
 bcrypt_rounds = 12                 # cost of new PSK hashes
@@ -52,6 +53,7 @@ class ServerConfig:
     read_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     shutdown_grace: float = 30.0
+    abandoned_upload_seconds: float = 600.0
     max_connections: int = 512
     io_threads: int = 16
     bcrypt_rounds: int = 12
@@ -90,6 +92,11 @@ class ServerConfig:
         for name in ("read_timeout", "keepalive_timeout", "auth_cache_seconds"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"config: {name} must be positive")
+        if self.abandoned_upload_seconds < 2 * self.read_timeout:
+            raise UsageError(
+                "config: abandoned_upload_seconds must be at least twice read_timeout (a live upload "
+                "may go that long without a write)"
+            )
         if self.shutdown_grace < 0:
             raise UsageError("config: shutdown_grace must not be negative")
         for name in ("max_connections", "io_threads"):

@@ -4,7 +4,9 @@
 ``task_status.started(urls)`` (port 0 in the config becomes the real port), and serves until cancelled or,
 with ``handle_signals``, until SIGTERM/SIGINT. Shutdown closes the listeners, lets requests in flight finish
 for up to ``shutdown_grace`` seconds (idle keep-alive connections close at once), then cancels what is
-left: an upload cut off that way removes its temp file, so it is never half-visible.
+left: an upload cut off that way removes its temp file, so it is never half-visible. The temp files of a
+server that was killed (kill -9, power loss) are removed ``abandoned_upload_seconds`` after the start (by
+then no upload of that run can be alive), and the sweep repeats daily.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from vaultfs.server.state import BucketRegistry
 from vaultfs.server.storage import Storage
 
 log = logging.getLogger("vaultfs.server")
+#: Seconds between sweeps for abandoned uploads after the first.
+SWEEP_INTERVAL = 24 * 3600.0
 
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -135,6 +139,7 @@ class Server:
                         acceptors.start_soon(self._accept_loop, listener, connections)
                     if handle_signals:
                         acceptors.start_soon(self._signals)
+                    acceptors.start_soon(self._sweep_abandoned_uploads)
                     task_status.started(urls)
                     await self.shutdown.wait()
                     acceptors.cancel_scope.cancel()
@@ -147,6 +152,28 @@ class Server:
                     await listener.aclose()
             self.registry.close()
             self.app.close()
+
+    async def _sweep_abandoned_uploads(self) -> None:
+        age = self.config.abandoned_upload_seconds
+        delay = age
+        while True:
+            await trio.sleep(delay)
+            delay = SWEEP_INTERVAL
+            try:
+                # abandon_on_cancel: shutdown does not wait for a walk over a large volume.
+                removed, freed = await trio.to_thread.run_sync(
+                    self.storage.sweep_temp_sync, age, abandon_on_cancel=True
+                )
+            except Exception:
+                log.exception("sweeping abandoned uploads failed; trying again in a day")
+                continue
+            if removed:
+                log.warning(
+                    "removed %d abandoned upload temp file(s), %.1f MB, unwritten for %.0f s or more",
+                    removed,
+                    freed / 1e6,
+                    age,
+                )
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -17,6 +17,11 @@ buffer at a time (by a writer thread, while the next buffer fills), its tail thr
 straight to the disk, without a copy into fresh page-cache pages (the largest share of the server's CPU
 per uploaded byte besides the hash) and without writeback work later; the fsync still makes it durable.
 
+A server killed mid-upload (kill -9, power loss) leaves its temp file behind, with the space reserved for
+the announced length. ``sweep_temp_sync`` removes temp files nobody wrote to for a while: a live upload is
+written to at least every ``read_timeout`` (else it is dropped), a local vault client's temp file is written
+without pause and renamed within seconds.
+
 Every method that touches the disk ends in ``_sync``: trio code calls them through worker threads.
 Paths are built only from validated kinds and names (see ``object_path``); nothing here trusts a request.
 """
@@ -32,6 +37,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -590,6 +596,29 @@ class Storage:
             files += f
         return total, files
 
+    def sweep_temp_sync(self, older_than: float) -> tuple[int, int]:
+        """Remove the temp files of every bucket and volume not written to for ``older_than`` seconds
+        (see the module doc): (files removed, bytes of disk freed)."""
+        cutoff = time.time() - older_than
+        removed = freed = 0
+        for volume in self.volumes:
+            for folder in _bucket_folders(volume):
+                for root, _dirs, names in os.walk(folder):
+                    for n in names:
+                        if TEMP_MARK not in n:
+                            continue
+                        path = os.path.join(root, n)
+                        try:
+                            st = os.lstat(path)
+                            if st.st_mtime >= cutoff or not stat.S_ISREG(st.st_mode):
+                                continue
+                            os.unlink(path)
+                        except OSError:
+                            continue  # gone meanwhile, or not ours to remove: the next sweep
+                        removed += 1
+                        freed += st.st_blocks * 512
+        return removed, freed
+
     def delete_bucket_sync(self, bucket: str) -> None:
         for folder in self.bucket_dirs(bucket):
             if os.path.isdir(folder):
@@ -605,14 +634,8 @@ class Storage:
                 report.append(VolumeUsage(volume, 0, 0, 0, 0, False))
                 continue
             stored = files = 0
-            try:
-                entries = [e for e in os.scandir(volume) if e.is_dir(follow_symlinks=False)]
-            except OSError:
-                entries = []
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue  # the server's own state folder
-                t, f = _tally(entry.path)
+            for folder in _bucket_folders(volume):
+                t, f = _tally(folder)
                 stored += t
                 files += f
             report.append(
@@ -626,6 +649,17 @@ class Storage:
                 )
             )
         return report
+
+
+def _bucket_folders(volume: str) -> list[str]:
+    """The bucket folders of a volume (not the server's own state folder, which starts with a dot)."""
+    try:
+        entries = list(os.scandir(volume))
+    except OSError:
+        return []
+    return [
+        e.path for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+    ]
 
 
 def _tally(folder: str) -> tuple[int, int]:

@@ -22,6 +22,9 @@ config file keys (TOML; command-line options win):
   read_timeout = 60                seconds a client may stall mid-request before it is dropped
   keepalive_timeout = 75           seconds an idle connection stays open
   shutdown_grace = 30              seconds requests in flight get after SIGTERM
+  abandoned_upload_seconds = 600   the temp file of an upload nobody wrote to this long is removed:
+                                   debris of a server killed mid-upload (swept this long after the
+                                   start, then daily; at least twice read_timeout)
   max_connections = 512, io_threads = 16
   bcrypt_rounds = 12               cost of new PSK hashes
   auth_cache_seconds = 60          a successful PSK check is remembered this long

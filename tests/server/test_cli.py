@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import ipaddress
@@ -13,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -165,6 +167,46 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
     assert "stopped" in err
     log = (tmp_path / "access.log").read_text()
     assert re.search(r'127\.0\.0\.1 - tls \[.*\] "POST /tls/keys/[0-9a-f]{64} HTTP/1.1" 200', log)
+
+
+def test_upload_debris_of_a_killed_server_is_swept_after_a_restart(tmp_path):
+    """kill -9 in the middle of an upload leaves its temp file (with the announced length reserved);
+    the next server removes it once abandoned_upload_seconds passed."""
+    data = tmp_path / "data"
+    creds = json.loads(admin(data, "bucket", "create", "crash", "--json").out)
+    config = tmp_path / "server.toml"
+    config.write_text("read_timeout = 1\nabandoned_upload_seconds = 2\naccess_log = ''\n")
+    args = ("--config", config, "--data", data, "--listen", "127.0.0.1:0")
+    server = ServeProcess(*args)
+    name = "ab" * 32
+    folder = data / "crash" / "data" / "ab"
+    try:
+        host, port = re.match(r"http://([\d.]+):(\d+)/", server.url).groups()
+        with socket.create_connection((host, int(port))) as client:
+            auth = base64.b64encode(f"crash:{creds['psk']}".encode()).decode()
+            client.sendall(
+                f"POST /crash/data/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
+                f"Content-Length: {50 << 20}\r\n\r\n".encode()
+                + os.urandom(3 << 20)
+            )
+            deadline = time.monotonic() + 30
+            while not (folder.exists() and any(folder.iterdir())):
+                assert time.monotonic() < deadline, "the upload never reached the disk"
+                time.sleep(0.05)
+            server.proc.kill()
+            server.proc.communicate(timeout=30)  # reaps it, closes its pipes
+        debris = list(folder.iterdir())
+        assert len(debris) == 1 and "-tmp-" in debris[0].name
+        server = ServeProcess(*args)
+        deadline = time.monotonic() + 60
+        while debris[0].exists():
+            assert time.monotonic() < deadline, "the temp file was never swept"
+            time.sleep(0.1)
+    finally:
+        code, err = server.terminate()
+    assert code == 0, err
+    assert "removed 1 abandoned upload temp file(s)" in err
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.slow

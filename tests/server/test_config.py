@@ -36,6 +36,7 @@ def test_defaults_and_overrides(tmp_path):
         "listen = '127.0.0.1:70000'",
         "bcrypt_rounds = 2",
         "max_connections = 0",
+        "read_timeout = 60\nabandoned_upload_seconds = 100",
         "= broken",
     ],
 )

@@ -107,3 +107,25 @@ def test_aborted_direct_upload_leaves_nothing(tmp_path):
     feed_through_space(upload, os.urandom(2 * UPLOAD_BUFFER + 10), 65_536)  # a write in flight
     upload.abort_sync()
     assert list((tmp_path / "vol" / "bk" / "data" / "ab").iterdir()) == []
+
+
+def test_sweep_removes_only_temp_files_nobody_wrote_to_lately(tmp_path):
+    volumes = [str(tmp_path / "v1"), str(tmp_path / "v2")]
+    storage = Storage(volumes)
+    storage.make_volumes_sync()
+    old = [tmp_path / "v1" / "bk" / "data" / "ab" / f"{'ab' * 32}-tmp-1",
+           tmp_path / "v2" / "other" / "snapshots" / f"{'cd' * 32}-tmp-2"]  # fmt: skip
+    fresh = tmp_path / "v1" / "bk" / "index" / f"{'ef' * 32}-tmp-3"
+    stored = tmp_path / "v1" / "bk" / "data" / "ab" / ("ab" * 32)
+    state = tmp_path / "v1" / ".vaultfs-server" / "x-tmp-4"  # the server's own folder: not a bucket
+    for path in [*old, fresh, stored, state]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 10_000)
+    hour_ago = os.stat(fresh).st_mtime - 3600
+    for path in [*old, stored, state]:
+        os.utime(path, (hour_ago, hour_ago))
+    removed, freed = storage.sweep_temp_sync(600)
+    assert removed == 2 and freed >= 2 * 10_000
+    assert not any(p.exists() for p in old)
+    assert fresh.exists() and stored.exists() and state.exists()
+    assert storage.sweep_temp_sync(600) == (0, 0)
