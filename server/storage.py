@@ -375,6 +375,8 @@ class Storage:
         for volume in self.volumes:
             try:
                 os.makedirs(volume, mode=0o700, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise StorageError(f"{volume}: a file stands where a folder should be") from None
             except OSError as exc:
                 raise _oserror("create volume", exc) from None
 

@@ -124,6 +124,10 @@ def test_bad_config_is_a_usage_error(tmp_path):
     config.write_text('listen = "127.0.0.1:0"\nlisten_backlog = 5\n')
     err = one_line_error(vault("serve", "--config", config, password=None, expect=2))
     assert "unknown key 'listen_backlog'" in err
+    (tmp_path / "file").write_text("")
+    for data in (tmp_path / "file", tmp_path / "file" / "sub"):
+        err = one_line_error(vault("serve", "--data", data, password=None, expect=2))
+        assert err.endswith(f"{data}: a file stands where a folder should be")
     config.write_text("read_timeout = 'soon'\n")
     assert "read_timeout" in one_line_error(
         vault("serve", "--config", config, password=None, expect=2)
