@@ -278,6 +278,15 @@ def test_append_only_refuses_deletes_except_locks(server):
         assert c.delete(f"locks/{name}").status_code == 200
         assert c.head(f"locks/{name}").status_code == 404
         assert c.post(f"data/{name}", content=data).status_code == 403
+    # What a vault client says when forget or prune meets the bucket.
+    be = RestBackend(creds.location)
+    try:
+        with pytest.raises(BackendError, match="append-only") as info:
+            be.remove("snapshots", name)
+        assert "vault server bucket set NAME --no-append-only" in str(info.value)
+        assert not info.value.temporary
+    finally:
+        be.close()
 
 
 def test_two_clients_uploading_the_same_file_at_once(server, bucket):

@@ -189,6 +189,11 @@ class RestBackend(Backend):
             hint = "; check the user name and password (PSK) in the location"
         elif code == 507:
             hint = "; the bucket's quota or the server's disk is full"
+        elif code == 403 and "append-only" in detail:
+            hint = (
+                "; deleting (forget, prune) needs the server's administrator to lift it "
+                "(vault server bucket set NAME --no-append-only)"
+            )
         elif code == 403:
             hint = "; the server refused (append-only bucket, or the object exists)"
         else:
