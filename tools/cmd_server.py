@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from vaultfs.errors import UsageError
 from vaultfs.tools.cmd_serve import add_server_options, load
 from vaultfs.tools.common import Output
 
@@ -30,10 +31,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     actions.add_parser("list", help="list buckets with their usage")
     info = actions.add_parser("info", help="show one bucket")
     info.add_argument("name", metavar="NAME")
-    delete = actions.add_parser("delete", help="delete a bucket and its files")
+    delete = actions.add_parser(
+        "delete",
+        help="delete a bucket and its files",
+        description="Delete a bucket. One that holds files (someone's backups) is deleted with them "
+        "only with --force; --keep-files forgets the bucket and leaves its folders on disk.",
+    )
     delete.add_argument("name", metavar="NAME")
     delete.add_argument(
         "--keep-files", action="store_true", help="forget the bucket but keep its folders"
+    )
+    delete.add_argument(
+        "--force", action="store_true", help="delete the bucket's files too when it holds any"
     )
     change = actions.add_parser("set", help="change quota, append-only mode or PSK")
     change.add_argument("name", metavar="NAME")
@@ -162,6 +171,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 _show(out, info, None, config)
             return 0
         if args.action == "delete":
+            if not args.keep_files and not args.force:
+                held = admin.info(args.name)
+                if held.files:
+                    raise UsageError(
+                        f"bucket {args.name} holds {held.files} file(s), {_size(held.stored)}: add "
+                        "--force to delete them with it, or --keep-files to keep its folders"
+                    )
             admin.delete(args.name, keep_files=args.keep_files)
             if out.json:
                 out.emit({"deleted": args.name})

@@ -87,15 +87,9 @@ def page_for(name: str, parser: argparse.ArgumentParser, summary: str) -> str:
     own, glob = _options(parser, skip_global=False)
     if own:
         lines += [".SH OPTIONS", *own]
-    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sub = _subparsers(parser)
     if sub is not None and name != "vault":
-        lines.append(".SH ACTIONS")
-        helps = {c.dest: c.help for c in sub._choices_actions}
-        for action_name, action_parser in sub.choices.items():
-            lines += [".SS " + _esc(action_name), _esc(helps.get(action_name) or "")]
-            lines += [".PP", f".B {_esc(_usage(action_parser))}"]
-            a_own, _ = _options(action_parser, skip_global=True)
-            lines += a_own
+        lines += [".SH ACTIONS", *_actions(parser, "")]
     if glob:
         lines += [".SH GLOBAL OPTIONS", *glob]
     if name == "vault" and sub is not None:
@@ -111,13 +105,38 @@ def page_for(name: str, parser: argparse.ArgumentParser, summary: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _actions(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+    """roff for each action of ``parser`` and, depth first, for the actions of those (``vault server
+    bucket create``): a subsection with its usage, description and own options."""
+    sub = _subparsers(parser)
+    if sub is None:
+        return []
+    lines: list[str] = []
+    helps = {c.dest: c.help or "" for c in sub._choices_actions}
+    for action_name, action_parser in sub.choices.items():
+        full = f"{prefix}{action_name}"
+        lines += [".SS " + _esc(full), _esc(helps.get(action_name, ""))]
+        lines += [".PP", f".B {_esc(_usage(action_parser))}"]
+        if action_parser.description and action_parser.description != helps.get(action_name):
+            lines += [".PP", _esc(action_parser.description)]
+        a_own, _ = _options(action_parser, skip_global=True)
+        lines += a_own
+        lines += _actions(action_parser, full + " ")
+    return lines
+
+
 def render_all() -> dict[str, str]:
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100"  # argparse wraps usage lines by terminal width
     try:
         parser = build_parser()
         pages = {"vault.1": page_for("vault", parser, "encrypted, deduplicating backup vaults")}
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub = _subparsers(parser)
+        assert sub is not None
         helps = {c.dest: c.help or "" for c in sub._choices_actions}
         for name, cmd_parser in sub.choices.items():
             pages[f"vault-{name}.1"] = page_for(f"vault-{name}", cmd_parser, helps.get(name, ""))

@@ -114,7 +114,12 @@ def test_bucket_administration(tmp_path):
         admin(data, "bucket", "create", "A/..", expect=2)
     )
     assert "no bucket" in one_line_error(admin(data, "bucket", "info", "nope", expect=1))
-    admin(data, "bucket", "delete", "alpha")
+    (data / "alpha" / "keys" / ("ab" * 32)).write_bytes(b"someone's backup")
+    refused = one_line_error(admin(data, "bucket", "delete", "alpha", expect=2))
+    assert refused.endswith("bucket alpha holds 1 file(s), 16 B: add --force to delete them with "
+                            "it, or --keep-files to keep its folders")  # fmt: skip
+    assert (data / "alpha" / "keys").is_dir()
+    admin(data, "bucket", "delete", "alpha", "--force")
     assert not (data / "alpha").exists()
     assert len(json.loads(admin(data, "bucket", "list", "--json").out)) == 1
 
