@@ -160,20 +160,21 @@ class Server:
             await trio.sleep(delay)
             delay = SWEEP_INTERVAL
             try:
-                # abandon_on_cancel: shutdown does not wait for a walk over a large volume.
-                removed, freed = await trio.to_thread.run_sync(
-                    self.storage.sweep_temp_sync, age, abandon_on_cancel=True
-                )
+                # abandon_on_cancel: shutdown does not wait for a walk over a large volume; the
+                # thread logs what it removed itself, so a shutdown mid-walk loses no record.
+                await trio.to_thread.run_sync(self._sweep_and_log_sync, age, abandon_on_cancel=True)
             except Exception:
                 log.exception("sweeping abandoned uploads failed; trying again in a day")
-                continue
-            if removed:
-                log.warning(
-                    "removed %d abandoned upload temp file(s), %.1f MB, unwritten for %.0f s or more",
-                    removed,
-                    freed / 1e6,
-                    age,
-                )
+
+    def _sweep_and_log_sync(self, age: float) -> None:
+        removed, freed = self.storage.sweep_temp_sync(age)
+        if removed:
+            log.warning(
+                "removed %d abandoned upload temp file(s), %.1f MB, unwritten for %.0f s or more",
+                removed,
+                freed / 1e6,
+                age,
+            )
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
