@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import socket
 import ssl
 
 import trio
@@ -51,6 +52,29 @@ def open_state(config: ServerConfig) -> tuple[BucketRegistry, Storage]:
     except Exception as exc:
         raise UsageError(f"cannot create the server folders: {exc}") from None
     return BucketRegistry(config.state_dir), storage
+
+
+#: The answer to a plain-HTTP request on the TLS port, so the client says what is wrong instead of
+#: "server disconnected". The reason phrase says it too: a HEAD's answer shows no body.
+_PLAIN_ON_TLS_TEXT = b"this server speaks HTTPS: use an https:// URL for it"
+_PLAIN_ON_TLS = (
+    b"HTTP/1.1 400 Bad Request, " + _PLAIN_ON_TLS_TEXT + b"\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s\n"
+    % (len(_PLAIN_ON_TLS_TEXT) + 1, _PLAIN_ON_TLS_TEXT)
+)
+
+
+async def _plain_http_on_tls(stream: trio.SocketStream) -> bool:
+    """Whether the client opened with plain HTTP (a letter, where TLS starts with byte 0x16); if it
+    did, it got a 400 that says so and the connection is closed."""
+    first = await stream.socket.recv(1, socket.MSG_PEEK)
+    if not first or not first.isalpha():
+        return False
+    try:
+        await stream.send_all(_PLAIN_ON_TLS)
+    finally:
+        await stream.aclose()
+    return True
 
 
 class Server:
@@ -94,6 +118,8 @@ class Server:
                 wrapped = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
                 with trio.move_on_after(self.config.read_timeout) as scope:
                     try:
+                        if await _plain_http_on_tls(stream):
+                            return
                         await wrapped.do_handshake()
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         await stream.aclose()

@@ -184,6 +184,11 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
         failed = vault("-r", loc, "snapshots", expect=1)  # the system CAs do not know ours
         assert "certificate verify failed" in one_line_error(failed)
         assert "pass that CA's certificate with --cacert" in one_line_error(failed)
+        plain = loc.replace("https://", "http://")
+        started = time.monotonic()
+        failed = vault("-r", plain, "snapshots", expect=1, env=ca)
+        assert "use an https:// URL" in one_line_error(failed)
+        assert time.monotonic() - started < 5, "a plain-HTTP answer is not a temporary error"
         ctx = ssl.create_default_context(cafile=str(cert))
         assert httpx.get(server.url + "healthz", verify=ctx).text == "ok\n"
     finally:
