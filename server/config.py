@@ -11,7 +11,7 @@ allow = []                         # client networks allowed (empty = all), e.g.
 deny = []                          # client networks refused (checked first)
 metrics_allow = ["127.0.0.1/32", "::1/128"]   # who may read /metrics
 access_log = "-"                   # "-" = stderr, "" = off, else a file
-verify_uploads = true              # refuse uploads whose SHA-256 is not their name
+verify_uploads = true              # refuse uploads whose SHA-256 is not their name (false: no hash)
 read_timeout = 60                  # seconds a client may send nothing while we wait for it
 keepalive_timeout = 75             # seconds an idle connection is kept open
 shutdown_grace = 30                # seconds in-flight requests get after SIGTERM

@@ -130,16 +130,19 @@ class Upload:
         name: str,
         size: int = 0,
         buffers: tuple[mmap.mmap, mmap.mmap] | None = None,
+        *,
+        hashed: bool = True,
     ) -> None:
         """``size``: the announced length, preallocated when known (0: unknown). ``buffers``: two
         from ``upload_buffer`` (the caller keeps them until the upload is finished or aborted);
-        O_DIRECT is used when they are given and the announced body fills one at least once."""
+        O_DIRECT is used when they are given and the announced body fills one at least once.
+        ``hashed``: whether to compute ``hash`` (SHA-256 of the body; None when not hashed)."""
         self.final = os.path.join(bucket_dir, object_path(kind, name))
         self.folder = os.path.dirname(self.final)
         self.tmp = f"{self.final}{TEMP_MARK}{secrets.token_hex(8)}"
         self.size = 0
         self._written_back = 0
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashed else None
         self._buffers = [memoryview(b) for b in buffers or (bytearray(64 << 10),)]
         self._buffer = self._buffers[0]
         self._filled = 0  # bytes of the buffer waiting for an O_DIRECT write
@@ -180,7 +183,8 @@ class Upload:
     def write_one_sync(self, piece: bytes | memoryview) -> None:
         """Hash and append one piece (copied into the buffer first with O_DIRECT)."""
         if not self.direct:
-            self.hash.update(piece)
+            if self.hash is not None:
+                self.hash.update(piece)
             self._write_sync(piece)
             return
         view = memoryview(piece)
@@ -199,7 +203,8 @@ class Upload:
         """``n`` bytes were put at the start of the last ``space()``: hash them (while they are in
         the CPU cache) and write them, or with O_DIRECT hand the buffer to a writer once it is full."""
         piece = self._buffer[self._filled : self._filled + n]
-        self.hash.update(piece)
+        if self.hash is not None:
+            self.hash.update(piece)
         if not self.direct:
             self._write_sync(piece)
             return
@@ -527,13 +532,15 @@ class Storage:
         name: str,
         size: int,
         buffers: tuple[mmap.mmap, mmap.mmap] | None = None,
+        *,
+        hashed: bool = True,
     ) -> Upload:
-        """A new upload (``buffers``: see ``Upload``); ObjectExists if some volume holds the object
-        already (an early answer only: the commit checks again)."""
+        """A new upload (``buffers``, ``hashed``: see ``Upload``); ObjectExists if some volume holds
+        the object already (an early answer only: the commit checks again)."""
         if self.stat_sync(bucket, kind, name) is not None:
             raise ObjectExists(object_path(kind, name))
         volume = self.pick_volume_sync(size)
-        return Upload(os.path.join(volume, bucket), kind, name, size, buffers)
+        return Upload(os.path.join(volume, bucket), kind, name, size, buffers, hashed=hashed)
 
     def finish_commit_sync(self, bucket: str, kind: str, name: str, upload: Upload) -> None:
         """``upload.finish_sync`` then ``commit_sync`` in one worker-thread call (one hand-off less

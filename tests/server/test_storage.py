@@ -40,11 +40,13 @@ def buffers() -> tuple:
     return upload_buffer(), upload_buffer()
 
 
-def store(tmp_path, data: bytes, how: str, buffer=None) -> tuple[Storage, Upload, str]:
+def store(
+    tmp_path, data: bytes, how: str, buffer=None, hashed: bool = True
+) -> tuple[Storage, Upload, str]:
     storage = Storage([str(tmp_path / "vol")])
     storage.make_volumes_sync()
     name = hashlib.sha256(data).hexdigest()
-    upload = storage.begin_upload_sync("bk", "data", name, len(data), buffer)
+    upload = storage.begin_upload_sync("bk", "data", name, len(data), buffer, hashed=hashed)
     started_direct = upload.direct
     if how == "space":
         feed_through_space(upload, data, 200_001)
@@ -56,17 +58,24 @@ def store(tmp_path, data: bytes, how: str, buffer=None) -> tuple[Storage, Upload
     return storage, upload, str(started_direct)
 
 
+@pytest.mark.parametrize("hashed", [True, False])
 @pytest.mark.parametrize("how", ["space", "pieces"])
 @pytest.mark.parametrize(
     "size", [3 * UPLOAD_BUFFER + 12_345, 2 * UPLOAD_BUFFER, UPLOAD_BUFFER - 1, 4097]
 )
-def test_upload_keeps_every_byte(tmp_path, size, how):
+def test_upload_keeps_every_byte(tmp_path, size, how, hashed):
+    """Every byte reaches the file, however it arrives; the hash is computed only when asked for
+    (the server skips it when it does not check uploads)."""
     data = os.urandom(size)
-    storage, upload, started_direct = store(tmp_path, data, how, buffers())
+    storage, upload, started_direct = store(tmp_path, data, how, buffers(), hashed)
     expect_direct = size >= UPLOAD_BUFFER and supports_direct(str(tmp_path))
     assert started_direct == str(expect_direct)
     name = hashlib.sha256(data).hexdigest()
-    assert upload.hash.hexdigest() == name and upload.size == size
+    if hashed:
+        assert upload.hash is not None and upload.hash.hexdigest() == name
+    else:
+        assert upload.hash is None
+    assert upload.size == size
     path = tmp_path / "vol" / "bk" / "data" / name[:2] / name
     assert path.read_bytes() == data
     assert stat.S_IMODE(path.stat().st_mode) == 0o400
