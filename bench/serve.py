@@ -11,6 +11,9 @@ Rows:
   its turn too, as the floor (restic alone: how much of the time any server adds), and so does
   `vault serve` with verify_uploads = false: rclone's server does not check that an upload's SHA-256
   is its name, vault serve does by default, and that hash is most of its CPU time;
+* the same backup with restic pinned to one half of the cores and the server to the other (taskset), as
+  when client and server are separate machines: on a shared box every CPU-second a server spends is
+  taken from restic, which is CPU-bound here;
 * the same backup until its data is on disk: the backup's time plus that of a `sync` right after it.
   `vault serve` and restic's local backend fsync every file before they answer; `rclone serve restic`
   never calls fsync (strace shows none in a whole backup), so when restic returns its packs are only in
@@ -84,9 +87,11 @@ class Proc:
         self.proc.wait(30)
 
 
-def vault_serve(data: Path, verify: bool = True) -> tuple[Proc, str, str]:
+def vault_serve(
+    data: Path, verify: bool = True, prefix: tuple[str, ...] = ()
+) -> tuple[Proc, str, str]:
     """Start `vault serve` with one bucket; (process, base URL of the bucket, PSK). ``verify``:
-    the server's verify_uploads key."""
+    the server's verify_uploads key; ``prefix``: a command that runs it (taskset)."""
     out = subprocess.run(
         [PY, "-m", "vaultfs.tools.main", "server", "--data", str(data), "bucket", "create", "bench",
          "--json"],
@@ -96,17 +101,17 @@ def vault_serve(data: Path, verify: bool = True) -> tuple[Proc, str, str]:
     config = data / "serve.toml"
     config.write_text(f"verify_uploads = {str(verify).lower()}\n")
     proc = Proc(
-        [PY, "-m", "vaultfs.tools.main", "serve", "--config", str(config), "--data", str(data),
+        [*prefix, PY, "-m", "vaultfs.tools.main", "serve", "--config", str(config), "--data", str(data),
          "--listen", "127.0.0.1:0", "--access-log", ""],
         r"listening on (\S+)",
     )  # fmt: skip
     return proc, f"{proc.url}bench/", psk
 
 
-def rclone_serve(data: Path) -> tuple[Proc, str]:
+def rclone_serve(data: Path, prefix: tuple[str, ...] = ()) -> tuple[Proc, str]:
     env = {**os.environ, "RCLONE_CONFIG": "/dev/null"}
     proc = Proc(
-        ["rclone", "serve", "restic", "--addr", "127.0.0.1:0", str(data)],
+        [*prefix, "rclone", "serve", "restic", "--addr", "127.0.0.1:0", str(data)],
         r"(http://127\.0\.0\.1:\d+/)",
         env,
     )
@@ -174,6 +179,42 @@ def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, flo
             finally:
                 if proc is not None:
                     proc.stop()
+                shutil.rmtree(cache, ignore_errors=True)
+                shutil.rmtree(data, ignore_errors=True)
+    return results
+
+
+def pinned_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
+    """Best wall time of restic backup through each server with restic on the first half of the
+    cores and the server on the other half (taskset), as when they run on separate machines: the
+    server's CPU time then costs the client nothing unless the server falls behind."""
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        return {}
+    half = cores // 2
+    client = ("taskset", "-c", f"0-{half - 1}")
+    server_cpus = ("taskset", "-c", f"{half}-{cores - 1}")
+    servers = ["vault serve", "rclone serve restic"]
+    results = dict.fromkeys(servers, float("inf"))
+    for run in range(runs):
+        for server in servers if run % 2 == 0 else servers[::-1]:
+            data = work / f"pinned-{server.split()[0]}-{run}"
+            if server == "vault serve":
+                proc, url, psk = vault_serve(data, prefix=server_cpus)
+                repo = "rest:" + with_creds(url, "bench", psk)
+            else:
+                proc, url = rclone_serve(data, prefix=server_cpus)
+                repo = "rest:" + url
+            cache = work / "restic-cache"
+            env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(cache)}
+            try:
+                subprocess.run(["restic", "-r", repo, "init"], check=True, env=env,
+                               capture_output=True)  # fmt: skip
+                subprocess.run(["sync"], check=True)
+                took = timed([*client, "restic", "-r", repo, "backup", "-q", "."], env, cwd=dataset)
+                results[server] = min(results[server], took)
+            finally:
+                proc.stop()
                 shutil.rmtree(cache, ignore_errors=True)
                 shutil.rmtree(data, ignore_errors=True)
     return results
@@ -268,6 +309,7 @@ def main() -> None:
             make_dataset(dataset, args.size_mb)
         size = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file()) / 1e6
         restic = restic_rows(dataset, work, args.runs)
+        pinned = pinned_rows(dataset, work, args.runs)
         raw = http_rows(work)
         mine = vault_rows(dataset, work, args.runs)
     finally:
@@ -287,6 +329,10 @@ def main() -> None:
             continue
         a, b = restic["vault serve"][f"{job} cpu"], restic["rclone serve restic"][f"{job} cpu"]
         print(f"| server CPU during {label} | {a:.2f} s | {b:.2f} s |")
+        if job == "backup" and pinned:
+            a, b = pinned["vault serve"], pinned["rclone serve restic"]
+            print(f"| restic backup, client and server on separate cores | {a:.1f} s "
+                  f"({size / a:.0f} MB/s) | {b:.1f} s ({size / b:.0f} MB/s) |")  # fmt: skip
     for key, label, unit in (
         ("upload", "httpx 64 MiB upload", "MB/s"),
         ("download", "httpx 64 MiB download", "MB/s"),
