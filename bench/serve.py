@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,11 +137,15 @@ def with_creds(url: str, user: str, psk: str) -> str:
     return url.replace("http://", f"http://{user}:{psk}@")
 
 
-def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
-    """Best wall time and best server CPU time of restic backup and check through each server."""
+def restic_rows(
+    dataset: Path, work: Path, runs: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """Best wall time and best server CPU time of restic backup and check through each server, and
+    every run's wall times (for ratios of the runs taken in the same round)."""
     servers = ["vault serve", "rclone serve restic", "local folder", NO_VERIFY]
     keys = ("backup", "durable", "check", "backup cpu", "check cpu")
     results = {s: dict.fromkeys(keys, float("inf")) for s in servers}
+    every: dict[str, dict[str, list[float]]] = {s: {"backup": [], "durable": []} for s in servers}
     for run in range(runs):
         for server in servers if run % 2 == 0 else servers[::-1]:
             data = work / f"{re.sub(r'[^a-z]+', '-', server)}-{run}"
@@ -176,12 +181,14 @@ def restic_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, flo
                     if job == "backup":
                         durable = took + timed(["sync"], env)
                         best["durable"] = min(best["durable"], durable)
+                        every[server]["backup"].append(took)
+                        every[server]["durable"].append(durable)
             finally:
                 if proc is not None:
                     proc.stop()
                 shutil.rmtree(cache, ignore_errors=True)
                 shutil.rmtree(data, ignore_errors=True)
-    return results
+    return results, every
 
 
 def pinned_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
@@ -308,7 +315,7 @@ def main() -> None:
             dataset = work / "dataset"
             make_dataset(dataset, args.size_mb)
         size = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file()) / 1e6
-        restic = restic_rows(dataset, work, args.runs)
+        restic, every = restic_rows(dataset, work, args.runs)
         pinned = pinned_rows(dataset, work, args.runs)
         raw = http_rows(work)
         mine = vault_rows(dataset, work, args.runs)
@@ -340,6 +347,12 @@ def main() -> None:
     ):
         a, b = raw["vault serve"][key], raw["rclone serve restic"][key]
         print(f"| {label} | {a:.0f} {unit} | {b:.0f} {unit} |")
+    print("\nvault serve / rclone serve restic, run by run (the two ran in the same round):")
+    for job, label in (("backup", "restic backup"), ("durable", "until on disk")):
+        mine, theirs = every["vault serve"][job], every["rclone serve restic"][job]
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+        print(f"  {label}: median {statistics.median(ratios):.3f}, "
+              f"runs {' '.join(f'{r:.2f}' for r in ratios)}")  # fmt: skip
     same = restic[NO_VERIFY]
     print(f"\n{NO_VERIFY} (no upload hash check, like rclone's server): restic backup "
           f"{same['backup']:.1f} s, then sync {same['durable']:.1f} s; server CPU "
