@@ -349,8 +349,8 @@ def main() -> None:
         print(f"| {label} | {a:.0f} {unit} | {b:.0f} {unit} |")
     print("\nvault serve / rclone serve restic, run by run (the two ran in the same round):")
     for job, label in (("backup", "restic backup"), ("durable", "until on disk")):
-        mine, theirs = every["vault serve"][job], every["rclone serve restic"][job]
-        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+        ours, theirs = every["vault serve"][job], every["rclone serve restic"][job]
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
         print(f"  {label}: median {statistics.median(ratios):.3f}, "
               f"runs {' '.join(f'{r:.2f}' for r in ratios)}")  # fmt: skip
     same = restic[NO_VERIFY]
