@@ -1,7 +1,7 @@
 """Load: 64 concurrent clients against one `vault serve` process, no errors, every stored file verifies.
 
-The issue's load test runs 60 seconds; the suite runs VAULT_LOAD_SECONDS (default 6) so that `make test`
-stays short. `VAULT_LOAD_SECONDS=60 make test PYTEST_ARGS=tests/server/test_load.py` is the long run.
+It runs the issue's 60 seconds in `make test` (about 70 s with the check afterwards, 1.8 GB of memory for
+the clients' copies of what they stored); VAULT_LOAD_SECONDS shortens it for a quick local run.
 Requests and bytes are bounded: each client makes at most ``MAX_REQUESTS`` requests.
 """
 
@@ -29,7 +29,7 @@ KINDS = ("data", "index", "snapshots", "locks")
 
 
 def load_seconds() -> float:
-    return float(os.environ.get("VAULT_LOAD_SECONDS", "6"))
+    return float(os.environ.get("VAULT_LOAD_SECONDS", "60"))
 
 
 class Client:
