@@ -351,8 +351,8 @@ def main() -> None:
     for job, label in (("backup", "restic backup"), ("durable", "until on disk")):
         ours, theirs = every["vault serve"][job], every["rclone serve restic"][job]
         ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-        print(f"  {label}: median {statistics.median(ratios):.3f}, "
-              f"runs {' '.join(f'{r:.2f}' for r in ratios)}")  # fmt: skip
+        print(f"  {label}: median {statistics.median(ratios):.3f}; runs "
+              + ", ".join(f"{a:.1f}/{b:.1f} s {a / b:.2f}" for a, b in zip(ours, theirs, strict=True)))  # fmt: skip
     same = restic[NO_VERIFY]
     print(f"\n{NO_VERIFY} (no upload hash check, like rclone's server): restic backup "
           f"{same['backup']:.1f} s, then sync {same['durable']:.1f} s; server CPU "
