@@ -22,7 +22,7 @@ import trio
 from vaultfs.errors import UsageError
 from vaultfs.server.app import BucketServer
 from vaultfs.server.config import ServerConfig
-from vaultfs.server.protocol import HttpConnection, Lifecycle
+from vaultfs.server.protocol import HttpConnection, Lifecycle, linger
 from vaultfs.server.state import BucketRegistry
 from vaultfs.server.storage import Storage
 
@@ -72,6 +72,7 @@ async def _plain_http_on_tls(stream: trio.SocketStream) -> bool:
         return False
     try:
         await stream.send_all(_PLAIN_ON_TLS)
+        await linger(stream, 2.0)  # a request with a body still reads the answer
     finally:
         await stream.aclose()
     return True

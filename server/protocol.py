@@ -653,20 +653,25 @@ class HttpConnection:
         return offset, ""
 
     async def _linger(self) -> None:
-        """Half-close and discard what the client still sends, briefly, so it reads our response."""
-        send_eof = getattr(self.stream, "send_eof", None)
-        with trio.move_on_after(min(2.0, self.read_timeout)):
-            try:
-                if send_eof is not None:
-                    await send_eof()
-                discarded = 0
-                while discarded < 64 * DRAIN_LIMIT:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                    if not data:
-                        break
-                    discarded += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        await linger(self.stream, min(2.0, self.read_timeout))
+
+
+async def linger(stream: trio.abc.Stream, seconds: float) -> None:
+    """Half-close and discard what the client still sends, for ``seconds`` at most, so that it reads
+    our response instead of a connection reset (the caller closes the stream afterwards)."""
+    send_eof = getattr(stream, "send_eof", None)
+    with trio.move_on_after(seconds):
+        try:
+            if send_eof is not None:
+                await send_eof()
+            discarded = 0
+            while discarded < 64 * DRAIN_LIMIT:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                discarded += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
 
 def _reason(status: int) -> bytes:

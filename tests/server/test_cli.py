@@ -189,6 +189,19 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
         failed = vault("-r", plain, "snapshots", expect=1, env=ca)
         assert "use an https:// URL" in one_line_error(failed)
         assert time.monotonic() - started < 5, "a plain-HTTP answer is not a temporary error"
+        # An upload sent in plain HTTP, body and all, still gets the answer, not a reset.
+        host, port = re.match(r"https://([\d.]+):(\d+)/", server.url).groups()
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            body = os.urandom(4 << 20)
+            client.sendall(
+                f"POST /tls/data/{'ab' * 32} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request, this server speaks HTTPS"), answer[:80]
         ctx = ssl.create_default_context(cafile=str(cert))
         assert httpx.get(server.url + "healthz", verify=ctx).text == "ok\n"
     finally:
