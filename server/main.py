@@ -188,7 +188,8 @@ class Server:
             delay = SWEEP_INTERVAL
             try:
                 # abandon_on_cancel: shutdown does not wait for a walk over a large volume; the
-                # thread logs what it removed itself, so a shutdown mid-walk loses no record.
+                # thread logs what it removed itself, so a walk that ends during shutdown still
+                # says what it removed.
                 await trio.to_thread.run_sync(self._sweep_and_log_sync, age, abandon_on_cancel=True)
             except Exception:
                 log.exception("sweeping abandoned uploads failed; trying again in a day")
