@@ -519,10 +519,10 @@ class HttpConnection:
                 if self.raw_body:
                     if self._next_cycle_after_raw():
                         continue
-                    await self._linger()
+                    await linger(self.stream, min(2.0, self.read_timeout))
                     return
                 if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
-                    await self._linger()
+                    await linger(self.stream, min(2.0, self.read_timeout))
                     return
                 self.h11.start_next_cycle()
         except ClientGone as exc:
@@ -651,9 +651,6 @@ class HttpConnection:
                 return offset, "object changed while it was sent"
             offset += n
         return offset, ""
-
-    async def _linger(self) -> None:
-        await linger(self.stream, min(2.0, self.read_timeout))
 
 
 async def linger(stream: trio.abc.Stream, seconds: float) -> None:
