@@ -33,6 +33,7 @@ from tests.tools.cli import one_line_error, vault
 from vaultfs.backend import LocalBackend
 from vaultfs.format.pack import DATA
 from vaultfs.fuse.layout import time_name
+from vaultfs.fuse.reader import UNREADABLE_SECONDS
 from vaultfs.repo.repository import Repository
 
 pytestmark = [pytest.mark.fuse, pytest.mark.restic]
@@ -332,7 +333,9 @@ def test_missing_pack_gives_eio_only_where_needed(
     loc = vr.index.lookup(big.content[-1], DATA)
     assert loc is not None
     lost = {b.blob_id for b in vr.index.blobs_in_pack(loc.pack_id)}
-    os.remove(vr.backend.path("data", loc.pack_id.hex()))
+    pack = Path(vr.backend.path("data", loc.pack_id.hex()))
+    kept = tmp_path / "lost-pack"
+    shutil.move(pack, kept)
     broken = files_with_blobs(vr, snap.tree, lost)
     assert "sizes/8388609" in broken
     m = mounter.mount(repo_path, restic_repo_v1.password)
@@ -354,6 +357,14 @@ def test_missing_pack_gives_eio_only_where_needed(
                 assert f.read(4096) == source[offset : offset + 4096]
             offset += size
     assert loc.pack_id.hex() in m.log()
+
+    # A failure is remembered only for a while (reader.UNREADABLE_SECONDS): with the pack back, the
+    # same files read again.
+    shutil.move(kept, pack)
+    time.sleep(UNREADABLE_SECONDS + 0.5)
+    assert read_all(root / "sizes/8388609") == source
+    for rel in sorted(broken)[:20]:
+        assert read_all(root / rel) == read_all(restic_repo_v1.source / rel), rel
 
 
 # -- lifecycle ---------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ Two kinds of read-ahead hide the latency of fetching and the cost of a thread ho
   call, reading blobs that sit next to each other in a pack with one backend read.
 
 A blob that cannot be read from any pack that holds it raises BlobUnreadable; the caller turns that into
-EIO for this read only. The first failure per (file, pack) is logged with the file path and pack ID.
+EIO for this read only. The first failure per (file, pack) is logged with the file path and pack ID. The
+failure is remembered for UNREADABLE_SECONDS: reads of the blob fail at once meanwhile, and read-ahead and
+prefetch skip it, so a folder whose pack is lost fails file by file without fetching every following
+file's blobs again for each one. After that the blob is tried again (a pack copied back is read).
 
 Thread/task safety: the BlobReader lives in the trio thread; only the ``*_sync`` methods run in worker
 threads, and they touch nothing but the (thread-safe) repository.
@@ -57,6 +60,9 @@ MAX_SPAN = 8 * MIB
 #: Blobs from this stored size on are decoded in pieces of DECODE_PIECE (BlobReader._decode_sync).
 STREAM_MIN = 256 * 1024
 DECODE_PIECE = 128 * 1024
+
+#: How long a blob that could not be read is answered from memory (EIO) before it is tried again.
+UNREADABLE_SECONDS = 5.0
 
 #: Called in the trio thread with the blobs a background fetch got: {blob id: plaintext}.
 Fetched = Callable[[dict[bytes, bytes]], None]
@@ -144,6 +150,8 @@ class BlobReader:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cached = 0
         self._pending: dict[bytes, _Fetch] = {}
+        # blob id -> (trio time until which it counts as unreadable, why); oldest first
+        self._unreadable: OrderedDict[bytes, tuple[float, BlobUnreadable]] = OrderedDict()
         self._logged: set[tuple[str, bytes]] = set()
         self.fetched = 0  # blobs decoded (for tests and benchmarks)
 
@@ -206,8 +214,10 @@ class BlobReader:
         return self._cache.get(blob_id)
 
     def cached(self, blob_id: bytes) -> bool:
-        """True if the blob is in the cache or being fetched."""
-        return blob_id in self._cache or blob_id in self._pending
+        """True if the blob is in the cache, being fetched, or failed a moment ago: not worth fetching."""
+        return (
+            blob_id in self._cache or blob_id in self._pending or self._failed(blob_id) is not None
+        )
 
     async def blob(self, blob_id: bytes, path: Callable[[], str]) -> bytes:
         """The plaintext of one data blob: from the cache, from a fetch already running, or fetched."""
@@ -216,6 +226,10 @@ class BlobReader:
             self._cache.move_to_end(blob_id)
             return data
         try:
+            failed = self._failed(blob_id)
+            if failed is not None:
+                # a new exception each time: one instance raised again and again grows its traceback
+                raise BlobUnreadable(failed.blob_id, failed.packs, failed.reason)
             pending = self._pending.get(blob_id)
             if pending is None:
                 return await self._fetch(blob_id)
@@ -286,8 +300,10 @@ class BlobReader:
                 result = results[blob_id]
                 if isinstance(result, BlobUnreadable):
                     fetch.error = result
+                    self._remember_failure(blob_id, result)
                 else:
                     fetch.data = result
+                    self._unreadable.pop(blob_id, None)
                     self.fetched += 1
                     self._store(blob_id, result)
                     got[blob_id] = result
@@ -463,6 +479,26 @@ class BlobReader:
         while self._cached > self.cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cached -= len(old)
+
+    def _remember_failure(self, blob_id: bytes, exc: BlobUnreadable) -> None:
+        now = trio.current_time()
+        self._unreadable.pop(blob_id, None)
+        self._unreadable[blob_id] = (now + UNREADABLE_SECONDS, exc)
+        while True:  # forget the expired ones, oldest first
+            until, _ = next(iter(self._unreadable.values()))
+            if until > now:
+                break
+            self._unreadable.popitem(last=False)
+
+    def _failed(self, blob_id: bytes) -> BlobUnreadable | None:
+        """Why the blob could not be read, if that was less than UNREADABLE_SECONDS ago."""
+        entry = self._unreadable.get(blob_id)
+        if entry is None:
+            return None
+        if entry[0] > trio.current_time():
+            return entry[1]
+        del self._unreadable[blob_id]
+        return None
 
     def _drop(self, blob_id: bytes) -> None:
         data = self._cache.pop(blob_id, None)
