@@ -15,7 +15,9 @@ PATH inside it) instead. --host, --tag and --path limit which snapshots are list
 Files show the size, mode, owner, times, symlink target, hardlinks (one inode number, the recorded link
 count) and extended attributes that the backup recorded. Data is read on demand, only the blocks a read
 needs, each checked against its hash; a damaged or missing pack makes the reads that need it fail with
-an I/O error (reported once per file on stderr) while everything else stays readable.
+an I/O error (reported once per file on stderr) while everything else stays readable. Reads of a part
+that could not be read fail at once for 5 seconds; after that it is tried again, so a pack put back
+(copied from another copy of the vault) is read without remounting.
 
 The command runs in the foreground until the folder is unmounted: with `fusermount3 -u MOUNTPOINT`
 (or `umount`), Ctrl-C or SIGTERM, after which it exits with status 0. It holds a shared lock on the
