@@ -50,19 +50,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="with --read-data implied: read only part of the packs, slice N of T (stable, by pack "
         "ID) or a random X percent",
     )
-    cache = p.add_mutually_exclusive_group()
-    cache.add_argument(
+    p.add_argument(
         "--cache",
-        dest="cache",
         action="store_true",
-        default=None,
-        help="use the local cache for pack headers and trees (default for remote vaults only)",
-    )
-    cache.add_argument(
-        "--no-cache",
-        dest="cache",
-        action="store_false",
-        help="read everything from the vault, even what is cached",
+        help="use the local cache for pack headers and trees on a local vault too (the default for "
+        "remote vaults; --no-cache turns it off)",
     )
     p.add_argument(
         "--workers", type=int, metavar="N", help="packs read at the same time (default: automatic)"
@@ -156,7 +148,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 repo,
                 read_data=args.read_data or subset is not None,
                 subset=subset,
-                cache=args.cache,
+                cache=False if getattr(args, "no_cache", False) else (args.cache or None),
                 workers=args.workers,
                 on_stage=stage,
                 on_advance=bar.advance,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from vaultfs.backend import open_backend
+from vaultfs.backend import is_local, open_backend
 from vaultfs.errors import NoVault, UsageError, VaultError
 
 if TYPE_CHECKING:
@@ -52,6 +52,13 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         default=argparse.SUPPRESS,
         help="trust the CA certificate(s) in FILE for rest:https:// vaults (env VAULT_CACERT)",
+    )
+    g.add_argument(
+        "--no-cache",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="read everything from the vault: neither use nor fill the local cache of tree packs and "
+        "pack headers ($XDG_CACHE_HOME/vaultfs/, used for remote vaults)",
     )
     g.add_argument(
         "--json",
@@ -171,7 +178,13 @@ def open_repository(args: argparse.Namespace) -> Repository:
         )
     from vaultfs.repo.repository import Repository
 
-    return Repository.open(backend, read_password(args), key_hint=os.environ.get("VAULT_KEY_HINT"))
+    repo = Repository.open(backend, read_password(args), key_hint=os.environ.get("VAULT_KEY_HINT"))
+    if not getattr(args, "no_cache", False) and not is_local(backend):
+        from vaultfs.repo.cache import VaultCache
+        from vaultfs.repo.treepacks import TreePacks
+
+        repo.tree_packs = TreePacks(backend, VaultCache(repo.id), lambda: repo.index.pack_ids())
+    return repo
 
 
 def tune_malloc(mmap_threshold: int = 512 * 1024) -> None:

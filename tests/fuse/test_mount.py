@@ -19,6 +19,7 @@ import pytest
 
 from tests.fuse.conftest import DEADLINE, Mounter
 from tests.helpers.ci import unavailable
+from tests.helpers.damage import flip_blob_byte
 from tests.helpers.env import env_for
 from tests.helpers.restic import (
     MAIN_HOST,
@@ -256,13 +257,7 @@ def test_damaged_blob_gives_eio_only_where_needed(
     assert victim is not None and victim.content
     loc = vr.index.lookup(victim.content[0], DATA)
     assert loc is not None
-    pack = Path(vr.backend.path("data", loc.pack_id.hex()))
-    os.chmod(pack, 0o600)
-    with open(pack, "r+b") as f:
-        f.seek(loc.offset + loc.length // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_blob_byte(vr, loc)
     broken = files_with_blobs(vr, snap.tree, {victim.content[0]})
     assert broken == {"text/lines.txt"}
     m = mounter.mount(repo_path, restic_repo_v2.password)

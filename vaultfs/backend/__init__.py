@@ -12,7 +12,15 @@ from vaultfs.errors import UsageError
 if TYPE_CHECKING:
     from vaultfs.backend.rest import RestBackend
 
-__all__ = ["KINDS", "Backend", "LocalBackend", "RestBackend", "RetryBackend", "open_backend"]
+__all__ = [
+    "KINDS",
+    "Backend",
+    "LocalBackend",
+    "RestBackend",
+    "RetryBackend",
+    "is_local",
+    "open_backend",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +30,11 @@ def __getattr__(name: str) -> Any:
 
         return RestBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_local(backend: Backend) -> bool:
+    """Whether the backend is a folder on this machine (reads cost no round trip), retry wrapper or not."""
+    return isinstance(getattr(backend, "inner", backend), LocalBackend)
 
 
 def open_backend(location: str) -> Backend:

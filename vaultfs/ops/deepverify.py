@@ -56,7 +56,7 @@ import zstandard
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from vaultfs.backend import Backend, LocalBackend
+from vaultfs.backend import Backend, is_local
 from vaultfs.crypto import NATIVE, MasterKey
 from vaultfs.errors import FormatError, ObjectNotFound, VaultError
 from vaultfs.format.gojson import go_unquote
@@ -229,8 +229,7 @@ class _Checker:
         self.repo = repo
         self.gone = set(assume_gone)
         self.backend: Backend = repo.backend
-        inner = getattr(self.backend, "inner", self.backend)
-        self.local = isinstance(inner, LocalBackend)
+        self.local = is_local(self.backend)
         self.read_data = read_data
         self.subset = subset
         self.extra_packs = {bytes.fromhex(p) for p in extra_packs}

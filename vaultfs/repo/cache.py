@@ -103,11 +103,15 @@ class VaultCache:
             return None
         return data
 
-    def save_pack(self, pack_id: str, data: bytes) -> bool:
-        """Store a pack; refuses (False) bytes that do not hash to ``pack_id``."""
-        if hashlib.sha256(data).hexdigest() != pack_id:
+    def save_pack(self, pack_id: str, data: bytes, checked: bool = False) -> bool:
+        """Store a pack; refuses (False) bytes that do not hash to ``pack_id`` (``checked``: the
+        caller has just made sure they do)."""
+        if not checked and hashlib.sha256(data).hexdigest() != pack_id:
             return False
         return self._write(self._path("data", pack_id), data)
+
+    def drop_pack(self, pack_id: str) -> None:
+        self._drop(self._path("data", pack_id))
 
     # -- pack headers ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vaultfs.backend import Backend
 from vaultfs.crypto import MasterKey
@@ -43,6 +44,9 @@ from vaultfs.format.tree import Node, decode_tree, encode_tree
 from vaultfs.repo.locks import HeldLock, LockManager, hostname, username
 from vaultfs.repo.masterindex import BlobLocation, MasterIndex, preload_numpy
 from vaultfs.repo.packer import DEFAULT_PACK_SIZE, PackWriter
+
+if TYPE_CHECKING:
+    from vaultfs.repo.treepacks import TreePacks
 
 # restic flushes an intermediate index at this many blobs
 INDEX_FLUSH_BLOBS = 50_000
@@ -74,6 +78,8 @@ class Repository:
         self.index_loaded = False
         self._tree_cache: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._tree_lock = threading.Lock()
+        #: Set for a remote vault: tree blobs then come a whole pack at a time (repo/treepacks.py).
+        self.tree_packs: TreePacks | None = None
         self._new_index = IndexFile()
         self._new_index_lock = threading.Lock()
         self._packer: PackWriter | None = None
@@ -324,6 +330,13 @@ class Repository:
             )
         error: VaultError | None = None
         for loc in locations:
+            if blob_type == TREE and self.tree_packs is not None:
+                sealed = self.tree_packs.read(loc)
+                if sealed is not None:
+                    try:
+                        return self.decode_blob(loc, sealed)
+                    except VaultError:
+                        self.tree_packs.drop(loc.pack_id)  # and read the blob on its own
             try:
                 sealed = self.backend.read("data", loc.pack_id.hex(), loc.offset, loc.length)
                 return self.decode_blob(loc, sealed)
