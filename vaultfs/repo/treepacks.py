@@ -57,7 +57,6 @@ class TreePacks:
         self._lock = threading.Lock()
         self._fetching: dict[bytes, threading.Lock] = {}
         self._unusable: set[bytes] = set()  # packs that could not be had whole: read blob by blob
-        self.fetched = 0  # packs read from the vault (for tests)
 
     def read(self, loc: BlobLocation) -> memoryview | None:
         """The sealed bytes of the blob at ``loc``, or None: then read it from the vault directly."""
@@ -126,7 +125,6 @@ class TreePacks:
             return None  # the blob's own read meets the problem again and reports it
         if hashlib.sha256(whole).digest() != pack_id:
             return None  # damaged: its intact blobs still read one by one
-        self.fetched += 1
         if self.cache is not None:
             self.cache.save_pack(name, whole, checked=True)
         return whole
