@@ -30,6 +30,7 @@ from tests.helpers.restic import (
     ResticRepo,
 )
 from tests.helpers.trees import assert_same_tree, scan_tree
+from tests.server.harness import ServerThread, server_config
 from tests.tools.cli import one_line_error, vault
 from vaultfs.backend import LocalBackend
 from vaultfs.format.pack import DATA
@@ -186,6 +187,30 @@ def test_vault_written_by_vaultfs(mounter: Mounter, tmp_path: Path, tricky_tree:
     )
     m = mounter.mount(repo, "pw")
     assert_same_tree(tricky_tree, m.mnt / "snapshots" / "latest", owners=True)
+
+
+def test_vault_through_the_bucket_server(
+    mounter: Mounter, tmp_path: Path, tricky_tree: Path
+) -> None:
+    """A remote vault (rest:, issue 7 item 6): folders come from tree packs fetched whole and cached
+    (vaultfs/repo/treepacks.py), file data blob by blob over HTTP."""
+    server = ServerThread(server_config(str(tmp_path / "server")))
+    try:
+        location = server.bucket().location
+        vault("-r", location, "init")
+        subprocess.run(
+            [sys.executable, "-m", "vaultfs.tools.main", "-r", location, "backup", "."],
+            cwd=tricky_tree,
+            env=env_for("pw"),
+            check=True,
+            capture_output=True,
+        )
+        m = mounter.mount(location, "pw")  # type: ignore[arg-type]  # a location, not a folder
+        assert_same_tree(tricky_tree, m.mnt / "snapshots" / "latest", owners=True)
+        m.stop()
+        assert "Traceback" not in m.log_path.read_text()
+    finally:
+        server.stop()
 
 
 # -- a live vault ------------------------------------------------------------------------------------
