@@ -227,3 +227,36 @@ def test_vault_backs_up_to_and_restores_from_rclone(rclone, tmp_path):
     vault("-r", loc, "restore", "latest", "--target", target)
     assert_same_tree(src, Path(f"{target}{src}"), owners=True)
     Restic(loc, "pw").check("--read-data")
+
+
+def test_a_server_that_ignores_range_still_gives_the_asked_bytes() -> None:
+    """Some HTTP servers answer a Range request with 200 and the whole object: the backend skips to
+    the offset itself, across the many pieces a large answer arrives in."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = os.urandom(300 * 1024)
+
+    class WholeObject(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WholeObject)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        backend = RestBackend(f"rest:http://127.0.0.1:{server.server_address[1]}/")
+        name = "ab" * 32
+        offset, length = 100 * 1024 + 3, 150 * 1024
+        assert backend.read("data", name, offset, length) == body[offset : offset + length]
+        assert backend.read("data", name, len(body) - 5, 5) == body[-5:]
+        assert backend.read("data", name, 0, 1) == body[:1]
+        backend.close()
+    finally:
+        server.shutdown()
+        server.server_close()
