@@ -1,5 +1,6 @@
-"""Benchmark of the bucket server: `vault serve` against `rclone serve restic`, and vault backup through
-`vault serve` against a local folder. Prints a Markdown table (best of --runs wall-clock times).
+"""Benchmark of the bucket server: `vault serve` against `rclone serve restic`, and vault backup and
+restore through `vault serve` against a local folder. Prints a Markdown table (best of --runs wall-clock
+times).
 
     .venv/bin/python bench/serve.py [--size-mb 300] [--runs 3] [--dataset DIR]
 
@@ -21,7 +22,7 @@ Rows:
   Every timed command starts after a `sync`, so no run pays for the writeback of the one before.
 * restic check --read-data through each server (downloads everything);
 * raw HTTP: one 64 MiB upload and download, and 1,000 small range reads, with httpx;
-* vault backup of the dataset through `vault serve` and to a local folder.
+* vault backup of the dataset through `vault serve` and to a local folder, and vault restore of it.
 
 Everything runs on 127.0.0.1 with random ports; the dataset (half random, half compressible text) is made
 in a temp folder unless --dataset is given.
@@ -268,10 +269,13 @@ def http_rows(work: Path) -> dict[str, dict[str, float]]:
     return results
 
 
-def vault_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
+def vault_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Best times of vault backup, and of vault restore of that backup right after it (the first
+    restore: no tree pack cached yet), through vault serve and to a local folder."""
     targets = ["vault serve", "local folder"]
-    results = dict.fromkeys(targets, float("inf"))
+    results = {t: {"backup": float("inf"), "restore": float("inf")} for t in targets}
     env = {**os.environ, "VAULT_PASSWORD": "bench", "XDG_CACHE_HOME": str(work / "xdg")}
+    restored = work / "restored"
     for run in range(runs):
         for target in targets if run % 2 == 0 else targets[::-1]:
             data = work / f"vb-{target.split()[0]}-{run}"
@@ -284,14 +288,23 @@ def vault_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
             try:
                 subprocess.run([PY, "-m", "vaultfs.tools.main", "-r", repo, "init"], check=True,
                                env=env, capture_output=True)  # fmt: skip
+                subprocess.run(["sync"], check=True)
                 took = timed([PY, "-m", "vaultfs.tools.main", "-r", repo, "backup", "-q", "."], env,
                              cwd=dataset)  # fmt: skip
-                results[target] = min(results[target], took)
+                results[target]["backup"] = min(results[target]["backup"], took)
+                # Restored trees stay until the end: on ext4, creating files soon after deleting
+                # many costs the next restore CPU time (see bench/compare.py).
+                target_dir = restored / f"{target.split()[0]}-{run}"
+                subprocess.run(["sync"], check=True)
+                took = timed([PY, "-m", "vaultfs.tools.main", "-r", repo, "restore", "latest",
+                              "--target", str(target_dir), "-q"], env)  # fmt: skip
+                results[target]["restore"] = min(results[target]["restore"], took)
             finally:
                 if proc is not None:
                     proc.stop()
                 shutil.rmtree(data, ignore_errors=True)
                 shutil.rmtree(work / "xdg", ignore_errors=True)
+    shutil.rmtree(restored, ignore_errors=True)
     return results
 
 
@@ -360,10 +373,11 @@ def main() -> None:
     floor, durable = restic["local folder"]["backup"], restic["local folder"]["durable"]
     print(f"\nrestic backup to a local folder (no server): {floor:.1f} s ({size / floor:.0f} MB/s); "
           f"then sync: {durable:.1f} s")  # fmt: skip
-    print("\n| vault backup to | time |")
-    print("|---|---|")
-    for target, seconds in mine.items():
-        print(f"| {target} | {seconds:.1f} s ({size / seconds:.0f} MB/s) |")
+    print("\n| vault to / from | backup | restore |")
+    print("|---|---|---|")
+    for target, times in mine.items():
+        print(f"| {target} | {times['backup']:.1f} s ({size / times['backup']:.0f} MB/s) "
+              f"| {times['restore']:.1f} s ({size / times['restore']:.0f} MB/s) |")  # fmt: skip
 
 
 if __name__ == "__main__":
