@@ -293,9 +293,10 @@ class OpenObjects:
     worker thread: objects are written once, so an open descriptor keeps serving the right bytes.
 
     Validity: an entry whose file has no name left (``st_nlink == 0``: deleted, or replaced through a
-    rename by an administrator) is dropped on its next use and the caller opens the object again, so
-    nothing deleted behind the server's back is served. A file moved to another volume keeps its
-    inode and stays valid. The server drops an entry when it deletes the object itself.
+    rename by an administrator), or whose size changed (rewritten in place), is dropped on its next use
+    and the caller opens the object again, so nothing deleted behind the server's back is served and
+    no answer is cut short. A file moved to another volume keeps its inode and stays valid. The server
+    drops an entry when it deletes the object itself.
 
     Descriptors never leave the trio thread that owns this cache: work handed to a worker thread uses
     ``os.dup`` of one, so an eviction cannot close a descriptor in use. Not thread-safe.
@@ -311,7 +312,8 @@ class OpenObjects:
         if found is None:
             return None
         try:
-            valid = os.fstat(found[0]).st_nlink > 0
+            st = os.fstat(found[0])
+            valid = st.st_nlink > 0 and st.st_size == found[1]
         except OSError:
             valid = False
         if not valid:

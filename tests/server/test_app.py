@@ -102,8 +102,9 @@ def test_protocol_round_trip(client, server, bucket):
 def test_files_changed_behind_the_servers_back_are_not_served_from_open_files(
     client, server, bucket
 ):
-    """Objects read recently stay open in the server; one deleted, or replaced by a rename, on the
-    disk is looked up again, and a large download keeps its own descriptor while others come and go."""
+    """Objects read recently stay open in the server; one deleted, replaced by a rename, or rewritten
+    in place on the disk is looked up again, and a large download keeps its own descriptor while others
+    come and go."""
     folder = bucket_dir(server, bucket.name)
     small, small_name = blob(5000)
     large, large_name = blob(3 << 20)
@@ -118,6 +119,9 @@ def test_files_changed_behind_the_servers_back_are_not_served_from_open_files(
     (folder / "config.new").write_bytes(b"second")
     os.rename(folder / "config.new", folder / "config")
     assert client.get("config").content == b"second"
+    (folder / "config").write_bytes(b"third, rewritten in place")  # same inode, another size
+    assert client.get("config").content == b"third, rewritten in place"
+    assert client.head("config").headers["content-length"] == str(len(b"third, rewritten in place"))
     assert client.get(f"data/{large_name}").content == large
     descriptors = settled_descriptors()  # the server runs in this process
     for _ in range(10):
