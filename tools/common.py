@@ -183,7 +183,7 @@ def open_repository(args: argparse.Namespace) -> Repository:
         from vaultfs.repo.cache import VaultCache
         from vaultfs.repo.treepacks import TreePacks
 
-        repo.tree_packs = TreePacks(backend, VaultCache(repo.id), lambda: repo.index.pack_ids())
+        repo.tree_packs = TreePacks(backend, VaultCache.of(repo.id), lambda: repo.index.pack_ids())
     return repo
 
 

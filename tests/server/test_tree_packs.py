@@ -8,6 +8,7 @@ cached copy is replaced; a damaged pack in the vault gives the same answer as wi
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.helpers.damage import flip_blob_byte
 from tests.server.harness import BucketCreds, ServerThread, server_config
 from tests.tools.cli import vault
 from vaultfs.backend import LocalBackend
+from vaultfs.format.config import Config
 from vaultfs.format.pack import TREE
 from vaultfs.repo.repository import Repository
 
@@ -149,3 +151,24 @@ def test_a_damaged_tree_pack_gives_what_the_vault_itself_gives(
     assert (remote.code, remote.out) == (direct.code, direct.out)
     assert victim.subtree.hex() in remote.err
     assert not cached(cache)
+
+
+def test_a_vault_whose_id_cannot_name_a_cache_folder_is_read_without_one(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    """The config format takes any string as the vault's id; restic writes 64 hex digits, and the cache
+    folder is named after it. Another id: no cache, and still one request per tree pack."""
+    creds, folder = backed_up(server, tmp_path)
+    repo = Repository.open(LocalBackend(str(folder)), b"pw")
+    config = Config(repo.config.version, "not-a-hex-id", repo.config.chunker_polynomial)
+    stored = folder / "config"
+    os.chmod(stored, 0o600)
+    stored.write_bytes(repo.key.seal(config.encode()))
+    cache = tmp_path / "cache"
+    env = {"XDG_CACHE_HOME": str(cache)}
+    before = gets(server, creds.name)
+    listing = vault("-r", creds.location, "ls", "latest", env=env).out
+    assert listing == vault("-r", folder, "ls", "latest").out
+    assert listing.count("file.txt") == FOLDERS
+    assert gets(server, creds.name) - before < FOLDERS // 2
+    assert not cache.exists()

@@ -234,7 +234,7 @@ class _Checker:
         self.subset = subset
         self.extra_packs = {bytes.fromhex(p) for p in extra_packs}
         use_cache = (not self.local) if cache is None else cache
-        self.cache = VaultCache(repo.id) if use_cache else None
+        self.cache = VaultCache.of(repo.id) if use_cache else None
         self.io_workers = workers or 8
         # Local packs: one reading thread per core (each piece is one GIL-free call, the reads rarely
         # wait, so a spare thread only adds switches); remote ones: one more to cover the waits.

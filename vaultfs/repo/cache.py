@@ -47,6 +47,12 @@ class VaultCache:
         self.top = root or cache_home()
         self.root = os.path.join(self.top, vault_id)
 
+    @classmethod
+    def of(cls, vault_id: str) -> VaultCache | None:
+        """The cache of a vault, or None when its config id cannot name a folder (restic writes 64 hex
+        digits, but the config format takes any string): such a vault is read without a cache."""
+        return cls(vault_id) if _NAME.match(vault_id) else None
+
     # -- files ----------------------------------------------------------------------------------
 
     def _path(self, kind: str, name: str) -> str:
