@@ -108,6 +108,7 @@ class Server:
 
     async def _connection(self, stream: trio.SocketStream, token: object) -> None:
         self.app.metrics.connections += 1
+        self.app.metrics.accepted += 1
         try:
             try:
                 peer = stream.socket.getpeername()[0]

@@ -22,6 +22,7 @@ class Metrics:
         self.sent: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.connections = 0
+        self.accepted = 0
         self.uploads = 0
 
     def record(self, bucket: str, method: str, status: int, received: int, sent: int) -> None:
@@ -51,6 +52,9 @@ class Metrics:
             "# HELP vaultfs_open_connections Client connections open now.",
             "# TYPE vaultfs_open_connections gauge",
             f"vaultfs_open_connections {self.connections}",
+            "# HELP vaultfs_connections_total Client connections accepted.",
+            "# TYPE vaultfs_connections_total counter",
+            f"vaultfs_connections_total {self.accepted}",
             "# HELP vaultfs_uploads_in_progress Uploads being received now.",
             "# TYPE vaultfs_uploads_in_progress gauge",
             f"vaultfs_uploads_in_progress {self.uploads}",

@@ -260,3 +260,40 @@ def test_a_server_that_ignores_range_still_gives_the_asked_bytes() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reads_keep_their_connection(tmp_path):
+    """Range reads, whole reads, stats and writes all go over one kept-alive connection: a range
+    read that stopped at its last byte used to close the connection, so every read of a mount or a
+    restore paid a new connection on both sides (counted by the server's /metrics)."""
+    import httpx
+
+    from tests.server.harness import ServerThread, server_config
+
+    server = ServerThread(server_config(str(tmp_path / "srv")))
+
+    def accepted() -> int:
+        text = httpx.get(f"{server.url}metrics", timeout=30).text
+        found = re.search(r"^vaultfs_connections_total (\d+)$", text, re.M)
+        assert found is not None
+        return int(found.group(1))
+
+    try:
+        creds = server.bucket()
+        backend = RestBackend(creds.location)
+        before = accepted()
+        backend.create()
+        data = os.urandom(200 * 1024)
+        name = hashlib.sha256(data).hexdigest()
+        backend.write("data", name, data)
+        for i in range(20):
+            offset = i * 9000
+            assert backend.read("data", name, offset, 5000 + i) == data[offset : offset + 5000 + i]
+        assert backend.read("data", name) == data
+        assert backend.read("data", name, 150_000) == data[150_000:]
+        assert backend.stat("data", name) == len(data)
+        # one for the client, one for the second look at /metrics
+        assert accepted() - before == 2
+        backend.close()
+    finally:
+        server.stop()

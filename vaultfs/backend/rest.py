@@ -353,7 +353,10 @@ class RestBackend(Backend):
             if piece:
                 pieces.append(piece)
                 got += len(piece)
-            if want is not None and got >= want:
+            if want is not None and got >= want and resp.status_code == 200:
+                # The rest of the object is not wanted: closing the unfinished answer closes the
+                # connection. A 206 is read to its end instead, which keeps the connection for the
+                # next request (stopping at the last wanted byte closed one per read).
                 break
         return b"".join(pieces)
 
