@@ -171,13 +171,14 @@ class Server:
                     task_status.started(urls)
                     await self.shutdown.wait()
                     acceptors.cancel_scope.cancel()
+                # Refuse new connections now: left open, the listeners would take them into the
+                # backlog, where they would wait out the grace period for nothing.
+                await _close_all(listeners)
                 log.info("shutting down: %d connections open", self.app.metrics.connections)
                 self.lifecycle.drain()
                 connections.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
         finally:
-            for listener in listeners:
-                with trio.CancelScope(shield=True):
-                    await listener.aclose()
+            await _close_all(listeners)
             self.registry.close()
             self.app.close()
 
@@ -210,6 +211,12 @@ class Server:
             async for _ in signals:
                 self.shutdown.set()
                 return
+
+
+async def _close_all(listeners: list[trio.SocketListener]) -> None:
+    with trio.CancelScope(shield=True):
+        for listener in listeners:
+            await listener.aclose()  # a second close does nothing
 
 
 async def serve(

@@ -181,6 +181,7 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
         ca = {"VAULT_CACERT": str(cert)}
         vault("-r", loc, "init", env=ca)
         assert json.loads(vault("-r", loc, "snapshots", "--json", env=ca).out) == []
+        assert json.loads(vault("--cacert", cert, "-r", loc, "snapshots", "--json").out) == []
         failed = vault("-r", loc, "snapshots", expect=1)  # the system CAs do not know ours
         assert "certificate verify failed" in one_line_error(failed)
         assert "pass that CA's certificate with --cacert" in one_line_error(failed)
@@ -210,6 +211,57 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
     assert "stopped" in err
     log = (tmp_path / "access.log").read_text()
     assert re.search(r'127\.0\.0\.1 - tls \[.*\] "POST /tls/keys/[0-9a-f]{64} HTTP/1.1" 200', log)
+
+
+def test_sigterm_finishes_uploads_in_flight_and_discards_unfinished_ones(tmp_path):
+    """SIGTERM in the middle of two uploads: the one whose client goes on sending is stored whole
+    within shutdown_grace; the other is cut off at the end of it and leaves nothing behind."""
+    data = tmp_path / "data"
+    creds = json.loads(admin(data, "bucket", "create", "term", "--json").out)
+    config = tmp_path / "server.toml"
+    config.write_text("shutdown_grace = 3\n")
+    server = ServeProcess("--config", config, "--data", data, "--listen", "127.0.0.1:0")
+    host, port = re.match(r"http://([\d.]+):(\d+)/", server.url).groups()
+    auth = base64.b64encode(f"term:{creds['psk']}".encode()).decode()
+    bodies = [os.urandom(8 << 20), os.urandom(8 << 20)]
+    names = [hashlib.sha256(body).hexdigest() for body in bodies]
+    clients = []
+    try:
+        for name, body in zip(names, bodies, strict=True):
+            client = socket.create_connection((host, int(port)), timeout=60)
+            clients.append(client)
+            client.sendall(
+                f"POST /term/data/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[: 1 << 20]
+            )
+        # both uploads have begun (their temp files hold data) before the signal
+        deadline = time.monotonic() + 30
+        while sum(1 for f in (data / "term").rglob("*") if f.is_file() and f.stat().st_size) < 2:
+            assert time.monotonic() < deadline, "the uploads never reached the disk"
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        while True:  # the listener closes when the shutdown begins
+            assert time.monotonic() < deadline, "the server kept accepting after SIGTERM"
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.05)
+        clients[0].sendall(bodies[0][1 << 20 :])
+        answer = clients[0].recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        for client in clients:
+            client.close()
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.communicate(timeout=30)
+    stored = [f for f in (data / "term").rglob("*") if f.is_file()]
+    assert [f.name for f in stored if f.parent.parent.name == "data"] == [names[0]]
+    assert (data / "term" / "data" / names[0][:2] / names[0]).read_bytes() == bodies[0]
+    assert all(f.name == "config" or f.parent.parent.name == "data" for f in stored), stored
 
 
 def test_upload_debris_of_a_killed_server_is_swept_after_a_restart(tmp_path):
