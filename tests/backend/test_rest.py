@@ -6,6 +6,7 @@ The vaultfs bucket server is exercised by tests/server/ and by the conformance s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -296,4 +297,98 @@ def test_reads_keep_their_connection(tmp_path):
         assert accepted() - before == 2
         backend.close()
     finally:
+        server.stop()
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy on 127.0.0.1 (absolute-form requests, as HTTP_PROXY makes clients
+    send them). It records each request's method and path, and answers the first ``fail_first``
+    requests whose path contains ``fail_on`` with ``fail_status`` itself instead of forwarding them."""
+
+    def __init__(self, fail_on: str = "", fail_first: int = 0, fail_status: int = 503) -> None:
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.seen: list[tuple[str, str]] = []
+        self.fail_on, self.fail_first, self.fail_status = fail_on, fail_first, fail_status
+        self.failed = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                url = urlsplit(self.path)
+                proxy.seen.append((self.command, url.path))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if proxy.fail_on in url.path and proxy.failed < proxy.fail_first:
+                    proxy.failed += 1
+                    self.send_response(proxy.fail_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                upstream = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "proxy-connection"}
+                target = url.path + (f"?{url.query}" if url.query else "")
+                upstream.request(self.command, target, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_HEAD = do_POST = do_DELETE = _forward  # noqa: N815 - http.server's names
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_proxy_is_honoured_and_temporary_errors_are_retried(tmp_path):
+    """HTTP_PROXY routes every request through the proxy; a 503 on the way is retried (the command
+    succeeds), a 403 is not (it is the server's answer)."""
+    from tests.server.harness import ServerThread, server_config
+
+    server = ServerThread(server_config(str(tmp_path / "srv")))
+    proxy = ForwardProxy(fail_on="/snapshots/", fail_first=2)
+    env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    try:
+        creds = server.bucket()
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a.txt").write_text("through the proxy\n")
+        vault("-r", creds.location, "init", env=env)
+        vault("-r", creds.location, "backup", src, env=env)
+        bucket = f"/{creds.name}/"
+        assert ("POST", f"{bucket}config") in proxy.seen
+        assert any(m == "POST" and p.startswith(f"{bucket}data/") for m, p in proxy.seen)
+        listed = json.loads(vault("-r", creds.location, "snapshots", "--json", env=env).out)
+        assert len(listed) == 1
+        assert proxy.failed == 2  # both 503s were answered, and the listing still came through
+        gets = [p for m, p in proxy.seen if m == "GET" and p == f"{bucket}snapshots/"]
+        assert len(gets) >= 3
+        proxy.fail_status, proxy.failed, proxy.fail_first = 403, 0, 1
+        before = len(proxy.seen)
+        refused = vault("-r", creds.location, "snapshots", env=env, expect=1)
+        assert "HTTP 403" in refused.err
+        assert [p for m, p in proxy.seen[before:] if p == f"{bucket}snapshots/"] == [
+            f"{bucket}snapshots/"
+        ]
+    finally:
+        proxy.stop()
         server.stop()
