@@ -3,7 +3,7 @@
 ```toml
 data = "/var/lib/vaultfs"          # state (SQLite) lives in DATA/.vaultfs-server/; default volume
 volumes = ["/srv/disk1", "/srv/disk2"]   # bucket storage; default [data]
-listen = "127.0.0.1:8000"          # HOST:PORT; port 0 picks a free port
+listen = "127.0.0.1:8000"          # HOST:PORT (":PORT" = every address); port 0 picks a free port
 tls_cert = ""                      # PEM files; both set = HTTPS
 tls_key = ""
 trust_x_forwarded_for = false      # true only behind a proxy that sets the header itself
@@ -70,7 +70,7 @@ class ServerConfig:
         return [os.path.abspath(v) for v in (self.volumes or [self.data])]
 
     @property
-    def host_port(self) -> tuple[str, int]:
+    def host_port(self) -> tuple[str | None, int]:
         return parse_listen(self.listen)
 
     def networks(self, name: str) -> list[Network]:
@@ -109,12 +109,13 @@ class ServerConfig:
         return self
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; ``:PORT`` = all addresses) -> (host, port)."""
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ``:PORT`` -> (None, port): every
+    address of every family (IPv4 and IPv6), as trio.open_tcp_listeners takes ``host=None``."""
     host, sep, port = listen.rpartition(":")
     if not sep:
         raise UsageError(f"listen address {listen!r} needs a port: HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or None
     try:
         number = int(port)
     except ValueError:

@@ -3,7 +3,9 @@ entry; and whether that address may talk to us (``allow``/``deny`` networks).
 
 Trusting X-Forwarded-For is off by default: any client can send the header, so it is only meaningful
 when a proxy in front *replaces* it with the address it saw (nginx ``$remote_addr``, HAProxy
-``option forwardfor``; see deploy/). A header that does not parse as an address is ignored.
+``http-request set-header X-Forwarded-For %[src]``; not nginx ``$proxy_add_x_forwarded_for`` or HAProxy
+``option forwardfor``, which append to what the client sent; see deploy/). A header that does not parse
+as an address is ignored.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ config file keys (TOML; command-line options win):
   data = "/var/lib/vaultfs"        state (DATA/.vaultfs-server/) and, without volumes, the buckets
   volumes = ["/d1", "/d2"]         spread buckets over several folders (reads look in all; new files
                                    go to the one with most free space; files may be moved while running)
-  listen = "127.0.0.1:8000"        HOST:PORT; port 0 picks a free port
+  listen = "127.0.0.1:8000"        HOST:PORT (:PORT = every address); port 0 picks a free port
   tls_cert = "", tls_key = ""      PEM files: serve HTTPS
   trust_x_forwarded_for = false    behind a proxy that replaces X-Forwarded-For: its left-most entry is
                                    the client address (logs, rate limits, allow/deny)
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="address to listen on (default 127.0.0.1:8000; port 0 picks a free port and prints it)",
+        help="address to listen on (default 127.0.0.1:8000; :PORT is every address, IPv4 and IPv6; "
+        "port 0 picks a free port and prints it)",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
