@@ -5,10 +5,11 @@ URLs are ``/<bucket>/`` (create), ``/<bucket>/config``, ``/<bucket>/<kind>/`` (l
 ``<name>`` 64 lower-case hex characters. The path is matched *undecoded* against that grammar, so no
 encoding of ``..`` or ``/`` can reach the file system: anything else is 404 before it touches a disk.
 
-Order of checks for a request: address lists (403), route (404), credentials (401), method (405), then
-the operation. Uploads: refuse an existing name (403), check the quota against Content-Length (507, or 411
-without a length), stream to a temp file while hashing, 400 if the SHA-256 is not the name (config
-excepted), then commit without overwriting. Append-only buckets refuse every DELETE but locks (403).
+Order of checks for a request: address lists (403), route (404), credentials (401, or 429 while the
+address is throttled: see auth.py), method (405), then the operation. Uploads: refuse an existing name
+(403), check the quota against Content-Length (507, or 411 without a length), stream to a temp file while
+hashing, 400 if the SHA-256 is not the name (config excepted), then commit without overwriting.
+Append-only buckets refuse every DELETE but locks (403).
 
 Errors are plain text without server paths; details go to the server log (``exception_response``).
 """
@@ -26,7 +27,7 @@ from functools import partial
 
 import trio
 
-from vaultfs.server.auth import Authenticator
+from vaultfs.server.auth import Authenticator, TooManyAttempts
 from vaultfs.server.config import ServerConfig
 from vaultfs.server.metrics import Metrics, log_access
 from vaultfs.server.protocol import ClientGone, FileRange, Producer, Request, Response
@@ -179,7 +180,16 @@ class BucketServer:
         if match is None:
             return text(404, "not found")
         name, config, kind, obj = match.groups()
-        bucket = await self.auth.check(name, request.headers.get("authorization"), request.address)
+        try:
+            bucket = await self.auth.check(
+                name, request.headers.get("authorization"), request.address
+            )
+        except TooManyAttempts as exc:
+            return text(
+                429,
+                f"too many failed logins from this address: retry in {exc.retry_after} s",
+                [("retry-after", str(exc.retry_after))],
+            )
         if bucket is None:
             return text(401, "unauthorized", [("www-authenticate", 'Basic realm="vaultfs"')])
         request.bucket = bucket.name

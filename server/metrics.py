@@ -1,17 +1,29 @@
 """Counters for ``/metrics`` (Prometheus text format 0.0.4) and the access log.
 
-Counters are labelled by bucket only after the request authenticated, so unauthenticated traffic (which
-chooses its own bucket names) cannot grow the label set: it is counted under ``bucket="-"``. Updated and
-rendered in the server's trio thread only, so no locking.
+No client can grow the label set. Counters are labelled by bucket only after the request authenticated,
+so unauthenticated traffic (which chooses its own bucket names) is counted under ``bucket="-"``; a method
+the server does not serve (any token the client sends) is counted as ``method="other"`` and a request
+that never parsed as ``method="-"``. Updated and rendered in the server's trio thread only, so no locking.
+
+The access log keeps the real method. Every field a client chooses is escaped (``"``, ``\\``, control
+and non-ASCII characters as ``\\xHH``; spaces too in the unquoted address), so one request is always
+one well-formed line.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import defaultdict
 
 access_log = logging.getLogger("vaultfs.server.access")
+
+#: Values of the method label: the methods app.py serves, and "-" for a request that never parsed. Any
+#: other method (answered 405, or 401/404 first) is counted as "other".
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "DELETE", "-"})
+_QUOTED_UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_BARE_UNSAFE = re.compile(r"[^\x21\x23-\x5b\x5d-\x7e]")
 
 
 class Metrics:
@@ -26,6 +38,8 @@ class Metrics:
         self.uploads = 0
 
     def record(self, bucket: str, method: str, status: int, received: int, sent: int) -> None:
+        if method not in METHOD_LABELS:
+            method = "other"
         self.requests[(bucket, method, str(status))] += 1
         self.received[bucket] += received
         self.sent[bucket] += sent
@@ -79,16 +93,25 @@ def log_access(
     if not access_log.isEnabledFor(logging.INFO):
         return
     when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-    agent = agent.replace('"', "'")
     access_log.info(
         '%s - %s [%s] "%s %s HTTP/1.1" %d %d "-" "%s" %.3f',
-        address,
-        user or "-",
+        _escape(address, _BARE_UNSAFE),
+        _escape(user, _BARE_UNSAFE) or "-",
         when,
-        method,
-        target.replace('"', "%22"),
+        _escape(method, _BARE_UNSAFE),
+        _escape(target.replace('"', "%22"), _BARE_UNSAFE),
         status,
         sent,
-        agent,
+        _escape(agent, _QUOTED_UNSAFE),
         seconds,
     )
+
+
+def _escape(value: str, unsafe: re.Pattern[str]) -> str:
+    return unsafe.sub(_hex, value)
+
+
+def _hex(match: re.Match[str]) -> str:
+    char = match[0]  # header values were decoded as latin-1: show their original byte
+    data = char.encode("latin-1") if ord(char) < 256 else char.encode()
+    return "".join(f"\\x{b:02x}" for b in data)

@@ -3,19 +3,26 @@ the issue's security list (wrong PSK, another bucket's PSK, traversal, bad names
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import threading
 import time
 from pathlib import Path
 
+import bcrypt
 import httpx
 import pytest
 
 from tests.server.harness import ServerThread, server_config
 from vaultfs.backend.rest import RestBackend
 from vaultfs.errors import BackendError
+from vaultfs.server import auth as auth_module
+from vaultfs.server.state import BucketRegistry
 
 V2 = "application/vnd.x.restic.rest.v2"
 
@@ -45,6 +52,42 @@ def blob(size: int = 1000) -> tuple[bytes, str]:
 
 def bucket_dir(server: ServerThread, name: str) -> Path:
     return Path(server.config.volume_paths[0]) / name
+
+
+def raw(url: str, head: str) -> bytes:
+    """Send one request head as it is and read the answer up to the server's close (``head`` should
+    ask for ``Connection: close``): by then the server has logged and counted the request."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head.encode("latin-1"))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def count_bcrypt(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record every PSK the server checks with bcrypt (the check itself runs unchanged)."""
+    calls: list[bytes] = []
+    real = auth_module.check_psk_sync
+
+    def counted(psk: bytes, psk_hash: bytes) -> bool:
+        calls.append(psk)
+        return real(psk, psk_hash)
+
+    monkeypatch.setattr(auth_module, "check_psk_sync", counted)
+    return calls
+
+
+#: An access log line: address, user, [time], "request", status, bytes, "-", "agent", seconds.
+ACCESS_LINE = re.compile(
+    r'[\x21-\x7e]+ - [\x21-\x7e]+ \[[^\]]+\] "[\x21-\x7e]+ [\x21-\x7e]+ HTTP/1\.1" \d+ \d+ "-" '
+    r'"[\x20\x21\x23-\x7e]*" \d+\.\d{3}\Z'
+)
 
 
 def settled_descriptors(expected: int | None = None, seconds: float = 5.0) -> int:
@@ -172,6 +215,143 @@ def test_repeated_failures_slow_an_address_down(server, bucket):
     assert auth.failures("127.0.0.1") == 0
 
 
+def test_failures_delay_an_address_before_its_next_check(tmp_path, monkeypatch):
+    """After failures an address waits before its next check (not after it), one check at a time:
+    parallel guesses get 429. Other addresses, with a remembered login or a fresh one, go first."""
+    checks = count_bcrypt(monkeypatch)
+    srv = ServerThread(server_config(str(tmp_path), trust_x_forwarded_for=True))
+    try:
+        target, friends, newcomer = srv.bucket(), srv.bucket(), srv.bucket()
+        auth = srv.server.app.auth
+        url = f"{target.url}keys/"
+        attacker = {"X-Forwarded-For": "203.0.113.9"}
+        wrong = (target.name, "1" * 32)
+        for _ in range(3):
+            assert httpx.get(url, auth=wrong, headers=attacker).status_code == 401
+        assert auth.failures("203.0.113.9") == 3
+
+        barrier = threading.Barrier(8)
+        answers: list[httpx.Response] = []
+
+        def guess() -> None:
+            barrier.wait()
+            answers.append(httpx.get(url, auth=wrong, headers=attacker, timeout=60))
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=guess) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        statuses = [a.status_code for a in answers]
+        checked = statuses.count(401)
+        assert set(statuses) == {401, 429}, statuses
+        assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+        assert auth.failures("203.0.113.9") == 3 + checked
+        assert elapsed >= sum(auth.delay(n) for n in range(3, 3 + checked))
+        assert httpx.get(url, auth=wrong, headers=attacker).status_code == 401
+        failures = auth.failures("203.0.113.9")
+
+        friend = {"X-Forwarded-For": "198.51.100.7"}
+        assert (
+            httpx.get(f"{friends.url}keys/", auth=friends.auth, headers=friend).status_code == 200
+        )
+        before = len(checks)
+        done: list[tuple[int, float]] = []
+
+        def attack() -> None:
+            begun = time.monotonic()
+            status = httpx.get(url, auth=wrong, headers=attacker, timeout=60).status_code
+            done.append((status, time.monotonic() - begun))
+
+        attempt = threading.Thread(target=attack)
+        attempt.start()
+        time.sleep(0.1)  # let the attempt reach its delay
+        resp = httpx.get(f"{friends.url}keys/", auth=friends.auth, headers=friend)
+        assert resp.status_code == 200
+        assert len(checks) == before  # remembered login; and the attacker's bcrypt has not run yet
+        resp = httpx.get(
+            f"{newcomer.url}keys/", auth=newcomer.auth, headers={"X-Forwarded-For": "198.51.100.8"}
+        )
+        assert resp.status_code == 200 and len(checks) == before + 1
+        assert not done  # both answered while the attacker still waits
+        attempt.join()
+        [(status, took)] = done
+        assert status == 401 and took >= auth.delay(failures)
+        assert auth.failures("203.0.113.9") == failures + 1 and len(checks) == before + 2
+    finally:
+        srv.stop()
+
+
+def test_successful_logins_are_remembered_until_expiry_or_a_new_psk(tmp_path, monkeypatch):
+    monkeypatch.setattr(BucketRegistry, "ttl", 0.1)  # how soon the server sees an admin change
+    checks = count_bcrypt(monkeypatch)
+    srv = ServerThread(server_config(str(tmp_path), auth_cache_seconds=1.0))
+    try:
+        creds = srv.bucket()
+        with srv.admin() as admin:
+            stored = admin.registry.require(creds.name).psk_hash
+        # The password is the PSK in hex; bcrypt hashes the raw SHA-512 of its 16 bytes.
+        assert bcrypt.checkpw(hashlib.sha512(bytes.fromhex(creds.psk)).digest(), stored)
+        with httpx.Client(base_url=creds.url, auth=creds.auth) as c:
+            for _ in range(5):
+                assert c.get("keys/").status_code == 200
+            assert checks == [bytes.fromhex(creds.psk)]
+            time.sleep(1.1)
+            assert c.get("keys/").status_code == 200
+            assert len(checks) == 2
+            with srv.admin() as admin:
+                _, psk = admin.set(creds.name, rotate_psk=True)
+            assert psk is not None
+            time.sleep(BucketRegistry.ttl + 0.1)
+            assert c.get("keys/").status_code == 401  # remembered, but for the old hash
+            assert len(checks) == 3
+            for _ in range(3):
+                assert c.get("keys/", auth=(creds.name, psk)).status_code == 200
+            assert len(checks) == 4
+    finally:
+        srv.stop()
+
+
+def test_odd_methods_cannot_grow_metrics_or_break_the_access_log(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vaultfs.server.access")
+    srv = ServerThread(server_config(str(tmp_path)))
+    try:
+        creds = srv.bucket()
+        close = "Host: x\r\nConnection: close\r\n"
+        for i in range(50):
+            answer = raw(srv.url, f"M{i} /nothing HTTP/1.1\r\n{close}\r\n")
+            assert answer.startswith(b"HTTP/1.1 404 ")
+        for method in ("OPTIONS", "PATCH", "PROPFIND"):
+            answer = raw(
+                srv.url,
+                f"{method} /{creds.name}/config HTTP/1.1\r\n{close}"
+                f"Authorization: {basic(*creds.auth)}\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 405 ")
+        # h11 refuses a method that is not a token, so no quote or space reaches the log.
+        assert raw(srv.url, f'G"T /x HTTP/1.1\r\n{close}\r\n').startswith(b"HTTP/1.1 400 ")
+        answer = raw(
+            srv.url,
+            f'GET /x"y\\z HTTP/1.1\r\n{close}User-Agent: a" "b\x1b[2J\xe9\r\n\r\n',
+        )
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        metrics = httpx.get(srv.url + "metrics").text
+        labels = re.findall(r'vaultfs_requests_total\{bucket="([^"]*)",method="([^"]*)"', metrics)
+        assert {m for _, m in labels} <= {"GET", "HEAD", "POST", "DELETE", "-", "other"}
+        assert 'vaultfs_requests_total{bucket="-",method="other",status="404"} 50' in metrics
+        assert f'{{bucket="{creds.name}",method="other",status="405"}} 3' in metrics
+        lines = [r.getMessage() for r in caplog.records if r.name == "vaultfs.server.access"]
+        assert len(lines) >= 55
+        for line in lines:
+            assert ACCESS_LINE.match(line), line
+        assert any('"M7 /nothing HTTP/1.1" 404' in line for line in lines)
+        assert any('"GET /x%22y\\x5cz HTTP/1.1" 404' in line for line in lines)
+    finally:
+        srv.stop()
+
+
 TRAVERSALS = [
     "../etc/passwd",
     "data/../../etc/passwd",
@@ -202,15 +382,8 @@ def test_paths_outside_the_grammar_are_404(client, path):
 
 
 def test_raw_traversal_targets(server, bucket):
-    import socket
-
-    host, port = server.url.split("//")[1].rstrip("/").split(":")
     for target in (f"/{bucket.name}/../{bucket.name}/config", "/../../etc/passwd", "*", "//etc"):
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            answer = b""
-            while chunk := s.recv(65536):
-                answer += chunk
+        answer = raw(server.url, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.split(b" ")[1] in (b"404", b"400"), (target, answer[:80])
         assert b"/tmp" not in answer and str(server.config.data).encode() not in answer
 
@@ -337,8 +510,10 @@ def test_healthz_metrics_and_address_lists(tmp_path):
         srv.stop()
 
 
-def test_x_forwarded_for_only_when_trusted(tmp_path):
-    """The left-most entry is the client when trusted: it is denied, and not allowed /metrics."""
+def test_x_forwarded_for_only_when_trusted(tmp_path, caplog):
+    """The left-most entry is the client when trusted: it is denied, not allowed /metrics, logged, and
+    its failed logins are counted against it. Untrusted, the socket's address is used for all of it."""
+    caplog.set_level(logging.INFO, logger="vaultfs.server.access")
     for trust, expected in ((False, 200), (True, 403)):
         srv = ServerThread(
             server_config(
@@ -353,6 +528,20 @@ def test_x_forwarded_for_only_when_trusted(tmp_path):
             assert httpx.get(srv.url + "healthz").status_code == 200
             resp = httpx.get(srv.url + "metrics", headers={"X-Forwarded-For": "198.51.100.1"})
             assert resp.status_code == expected
+            creds = srv.bucket()
+            caplog.clear()
+            answer = raw(
+                srv.url,
+                f"GET /{creds.name}/keys/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Authorization: {basic(creds.name, '1' * 32)}\r\n"
+                "X-Forwarded-For: 198.51.100.23, 10.0.0.1\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 401 ")
+            client, bystander = ("198.51.100.23", "127.0.0.1")[:: 1 if trust else -1]
+            assert srv.server.app.auth.failures(client) == 1
+            assert srv.server.app.auth.failures(bystander) == 0
+            [line] = [r.getMessage() for r in caplog.records if "/keys/" in r.getMessage()]
+            assert line.startswith(f"{client} - - [") and " 401 " in line
         finally:
             srv.stop()
 
