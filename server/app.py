@@ -320,7 +320,7 @@ class BucketServer:
         if quota > 0 and length is None:
             return text(411, "length required: the bucket has a quota")
         size = length or 0
-        if not await self.quotas.reserve(bucket.name, size, quota):
+        if not await self.quotas.reserve(bucket, size):
             return text(507, "insufficient storage: the bucket's quota is exhausted")
         upload: Upload | None = None
         committed = False
@@ -356,10 +356,10 @@ class BucketServer:
                 if not lock.statistics().tasks_waiting and not lock.locked():
                     self._commit_locks.pop(key, None)
             committed = True
-            self.quotas.stored(bucket.name, upload.size)
+            self.quotas.stored(bucket, upload.size)
             return text(200, "ok")
         finally:
-            self.quotas.release(bucket.name, size, quota)
+            self.quotas.release(bucket, size)
             if upload is not None and not committed:
                 with trio.CancelScope(shield=True):
                     await self._thread(upload.abort_sync)
@@ -420,7 +420,7 @@ class BucketServer:
             return text(403, "forbidden: the bucket is append-only")
         self.open_objects.drop((bucket.name, kind, name))
         freed = await self._thread(self.storage.remove_sync, bucket.name, kind, name)
-        self.quotas.stored(bucket.name, -freed)
+        self.quotas.stored(bucket, -freed)
         return text(200, "ok")
 
 

@@ -5,6 +5,10 @@ then kept up to date by the server's own writes and deletes. Uploads reserve the
 the first byte is written, so concurrent uploads cannot overshoot together. Files copied into a bucket
 folder behind the server's back are counted from the next start.
 
+A tally belongs to one incarnation of a bucket, told by its creation time and PSK hash: a bucket deleted
+and created again under the same name while the server runs (`vault server bucket` works beside it) is
+tallied afresh, not charged with what the old one held.
+
 Lives in the server's trio thread; the tally runs in a worker thread.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import trio
 
+from vaultfs.server.state import Bucket
 from vaultfs.server.storage import Storage
 
 
@@ -22,8 +27,18 @@ class Quotas:
         self._used: dict[str, int] = {}
         self._reserved: dict[str, int] = {}
         self._scans: dict[str, trio.Event] = {}
+        self._incarnations: dict[str, tuple[str, bytes]] = {}
 
-    async def used(self, bucket: str) -> int:
+    def _current(self, bucket: Bucket) -> str:
+        """``bucket.name``, its tally dropped if it was made for an earlier bucket of that name."""
+        incarnation = (bucket.created, bucket.psk_hash)
+        if self._incarnations.get(bucket.name) != incarnation:
+            self._incarnations[bucket.name] = incarnation
+            self._used.pop(bucket.name, None)
+        return bucket.name
+
+    async def used(self, of: Bucket) -> int:
+        bucket = self._current(of)
         if bucket not in self._used:
             scan = self._scans.get(bucket)
             if scan is not None:
@@ -40,28 +55,27 @@ class Quotas:
                     scan.set()
         return self._used.get(bucket, 0)
 
-    async def reserve(self, bucket: str, size: int, quota: int) -> bool:
+    async def reserve(self, bucket: Bucket, size: int) -> bool:
         """Promise ``size`` bytes to an upload; False if the bucket's quota would be exceeded."""
-        if quota <= 0:
+        if bucket.quota <= 0:
             return True
         used = await self.used(bucket)
-        if used + self._reserved.get(bucket, 0) + size > quota:
+        name = bucket.name
+        if used + self._reserved.get(name, 0) + size > bucket.quota:
             return False
-        self._reserved[bucket] = self._reserved.get(bucket, 0) + size
+        self._reserved[name] = self._reserved.get(name, 0) + size
         return True
 
-    def release(self, bucket: str, size: int, quota: int) -> None:
-        if quota > 0:
-            left = self._reserved.get(bucket, 0) - size
+    def release(self, bucket: Bucket, size: int) -> None:
+        if bucket.quota > 0:
+            left = self._reserved.get(bucket.name, 0) - size
             if left > 0:
-                self._reserved[bucket] = left
+                self._reserved[bucket.name] = left
             else:
-                self._reserved.pop(bucket, None)
+                self._reserved.pop(bucket.name, None)
 
-    def stored(self, bucket: str, delta: int) -> None:
+    def stored(self, of: Bucket, delta: int) -> None:
         """Account a committed upload (positive) or a delete (negative), if the bucket is tallied."""
+        bucket = self._current(of)
         if bucket in self._used:
             self._used[bucket] = max(0, self._used[bucket] + delta)
-
-    def forget(self, bucket: str) -> None:
-        self._used.pop(bucket, None)

@@ -429,6 +429,28 @@ def test_quota(server):
         assert admin.info(creds.name).stored == 6000
 
 
+def test_a_bucket_made_again_under_its_name_starts_with_an_empty_quota(tmp_path, monkeypatch):
+    """Deleted and created again while the server runs (the admin CLI works beside it), a bucket is
+    not charged with what the old one held."""
+    monkeypatch.setattr(BucketRegistry, "ttl", 0.1)  # how soon the server sees an admin change
+    srv = ServerThread(server_config(str(tmp_path)))
+    try:
+        creds = srv.bucket("again", quota=10_000)
+        data, name = blob(8000)
+        with httpx.Client(base_url=creds.url, auth=creds.auth) as c:
+            assert c.post(f"data/{name}", content=data).status_code == 200
+        with srv.admin() as admin:
+            admin.delete("again")
+        creds = srv.bucket("again", quota=10_000)
+        time.sleep(BucketRegistry.ttl + 0.1)
+        with httpx.Client(base_url=creds.url, auth=creds.auth) as c:
+            assert c.post(f"data/{name}", content=data).status_code == 200
+            other, other_name = blob(8000)
+            assert c.post(f"data/{other_name}", content=other).status_code == 507
+    finally:
+        srv.stop()
+
+
 def test_quota_error_reaches_the_client_as_permanent(server):
     creds = server.bucket(quota=100)
     be = RestBackend(creds.location)
