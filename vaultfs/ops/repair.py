@@ -126,15 +126,17 @@ class Quarantine:
         self.dry_run = dry_run
         self.report = report
         if folder is None and not delete:
-            if self.local is None:
+            if self.local is not None:
+                root = self.local.root.rstrip("/")
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                folder = os.path.join(
+                    os.path.dirname(root), f"{os.path.basename(root)}.quarantine-{stamp}"
+                )
+            elif not dry_run:
+                # A dry run of a remote repair moves nothing, so it needs no place to move to.
                 raise UsageError(
                     "repair of a remote vault needs --quarantine DIR (a local folder) or --delete"
                 )
-            root = self.local.root.rstrip("/")
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            folder = os.path.join(
-                os.path.dirname(root), f"{os.path.basename(root)}.quarantine-{stamp}"
-            )
         if folder is not None and self.local is not None:
             vault = os.path.realpath(self.local.root)
             target = os.path.realpath(folder)
