@@ -19,6 +19,11 @@ an I/O error (reported once per file on stderr) while everything else stays read
 that could not be read fail at once for 5 seconds; after that it is tried again, so a pack put back
 (copied from another copy of the vault) is read without remounting.
 
+Programs that read whole folders (tar, cp -r, rsync) open files in listing order, so the small files
+that follow an opened one are fetched ahead, a few MiB at a time. For a remote vault (rest:) that goes
+on into the folders that follow, in the order those programs visit them, so that a folder of small
+files does not cost a request, and a round trip, of its own.
+
 The command runs in the foreground until the folder is unmounted: with `fusermount3 -u MOUNTPOINT`
 (or `umount`), Ctrl-C or SIGTERM, after which it exits with status 0. It holds a shared lock on the
 vault while mounted, so prune cannot delete data the mount may still read (--no-lock skips that).

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from vaultfs.backend import is_local
 from vaultfs.errors import VaultError
 from vaultfs.format.snapshot import Snapshot
 from vaultfs.format.tree import Node, fs_bytes
@@ -67,6 +68,10 @@ PAGE = mmap.PAGESIZE
 SMALL_FILE = 1024 * 1024
 SIBLING_BYTES = 4 * 1024 * 1024
 SIBLING_FILES = 256
+#: Over a remote vault, where every request costs a round trip, that prefetch goes on past the end of
+#: the folder into the folders that follow in a depth-first walk (the order tar, cp -r and rsync visit
+#: them), loading at most WALK_TREES trees per walk.
+WALK_TREES = 256
 #: Listing a folder loads the trees of up to this many of its subfolders in the background; trees
 #: holding up to PREFETCHED_NODES entries in all wait for their folders to be visited.
 SUBTREE_PREFETCH = 256
@@ -155,6 +160,9 @@ class VaultOperations(pyfuse3.Operations):
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._tree_nodes = 0  # entries in self._trees
         self._tree_fetches: dict[bytes, trio.Event] = {}
+        self.walk_folders = not is_local(repo.backend)  # see _walk_on
+        self._walk_mark: bytes | None = None
+        self._walking = False
         root: Inode
         if catalog is not None:
             root = VirtualDir(ROOT, ROOT, b"", ())
@@ -593,7 +601,8 @@ class VaultOperations(pyfuse3.Operations):
         leaf.stored = True
 
     def _prefetch_siblings(self, leaf: Leaf, content: FileContent) -> None:
-        """Keep the small files that follow an opened one in its folder fetched ahead of the reader.
+        """Keep the small files that follow an opened one in its folder fetched ahead of the reader
+        (and, over a remote vault, those of the folders after it: ``_walk_on``).
 
         Programs that read a folder (tar, cp -r, rsync, grep -r) open its files in listing order. Each
         batch covers up to SIBLING_BYTES of small files and is fetched in one worker call; the next
@@ -601,6 +610,12 @@ class VaultOperations(pyfuse3.Operations):
         reading. A file opened outside the fetched range starts a batch of its own.
         """
         missing = bool(content.blobs) and not self.reader.cached(content.blobs[0])
+        self._prefetch_folder(leaf, content, missing)
+        walk = self.walk_folders and content.blobs and not self._walking
+        if walk and (missing or content.blobs[0] == self._walk_mark):
+            self._walk_on(leaf)
+
+    def _prefetch_folder(self, leaf: Leaf, content: FileContent, missing: bool) -> None:
         parent = self._inodes.get(leaf.parent)
         if not isinstance(parent, TreeDir) or parent.nodes is None:
             if missing:
@@ -626,6 +641,83 @@ class VaultOperations(pyfuse3.Operations):
         parent.ahead = end
         parent.refill = start + (end - start) // 2
         self.reader.prefetch(blobs)
+
+    def _walk_on(self, leaf: Leaf) -> None:
+        """Fetch the small files met by a depth-first walk that starts at ``leaf``, up to SIBLING_BYTES.
+
+        One request per folder is cheap from a local folder, but over a network each folder's first
+        file would wait for a round trip. The files of consecutive folders lie back to back in the
+        packs (backup wrote them in this order), so a walk's files come in a few reads. The next walk
+        starts when the file half-way through this one is opened (files fetched already are skipped),
+        or when a file opened is not fetched: the reader left the walk's path.
+        """
+        if self.reader.nursery is None:
+            return
+        frames: list[list[Any]] = []  # [nodes, next index], innermost last
+        inode = self._inodes.get(leaf.parent)
+        index = leaf.pos
+        while isinstance(inode, TreeDir) and inode.nodes is not None:
+            frames.append([inode.nodes, index])
+            parent = self._inodes.get(inode.parent)
+            if inode.snap is not None or not isinstance(parent, TreeDir) or parent is inode:
+                break  # a snapshot's root folder: the walk stays in the snapshot
+            if parent.nodes is None:
+                break
+            if parent.by_name is None:
+                parent.by_name = {n: i for i, n in enumerate(parent.names)}
+            found = parent.by_name.get(inode.name)
+            if found is None:
+                break
+            inode, index = parent, found + 1
+        frames.reverse()
+        self._walking = True
+        self.reader.nursery.start_soon(self._walk, frames)
+
+    async def _walk(self, frames: list[list[Any]]) -> None:
+        try:
+            blobs, self._walk_mark = await trio.to_thread.run_sync(
+                self._walk_sync, frames, limiter=self.limiter
+            )
+            self.reader.prefetch(blobs)
+        except Exception:
+            # Only a prefetch: the reads themselves fetch what they need and report what fails.
+            log.exception("prefetching the folders ahead failed (a bug; please report it)")
+        finally:
+            self._walking = False
+
+    def _walk_sync(self, frames: list[list[Any]]) -> tuple[list[bytes], bytes | None]:
+        """Runs in a worker thread: the blobs of the small files the walk meets, and the first blob
+        of the file past half of them (where the next walk starts; None when the walk ran out)."""
+        blobs: list[bytes] = []
+        total = files = trees = 0
+        mark = None
+        while frames:
+            frame = frames[-1]
+            nodes, i = frame
+            if i >= len(nodes):
+                frames.pop()
+                continue
+            node = nodes[i]
+            if node.type == "file" and node.content and node.size <= SMALL_FILE:
+                if total + node.size > SIBLING_BYTES or files >= SIBLING_FILES:
+                    break
+                if mark is None and total >= SIBLING_BYTES // 2:
+                    mark = node.content[0]
+                blobs.extend(node.content)
+                total += node.size
+                files += 1
+            elif node.type == "dir" and node.subtree is not None:
+                if trees >= WALK_TREES:
+                    break
+                trees += 1
+                frame[1] = i + 1
+                try:
+                    frames.append([self.repo.load_tree(node.subtree), 0])
+                except VaultError:
+                    pass  # the folder's own visit reports it
+                continue
+            frame[1] = i + 1
+        return blobs, mark
 
     def _push_ahead(self, f: _OpenFile, index: int, data: bytes) -> None:
         """Put a blob that read-ahead fetched into the kernel's page cache.
