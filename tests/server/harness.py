@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import trio
 
 from vaultfs.server.admin import Admin
@@ -126,3 +127,16 @@ def _stop_shared(data: str) -> None:
             _shared.stop()
         finally:
             shutil.rmtree(data, ignore_errors=True)
+
+
+def module_server(folder: str) -> Any:
+    """A module-scoped pytest fixture: one server in a temp folder named ``folder`` for the module's
+    tests, stopped (and checked for a failed server thread) after the last one."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+        srv = ServerThread(server_config(str(tmp_path_factory.mktemp(folder))))
+        yield srv
+        srv.stop()
+
+    return server

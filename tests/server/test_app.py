@@ -18,7 +18,7 @@ import bcrypt
 import httpx
 import pytest
 
-from tests.server.harness import ServerThread, server_config
+from tests.server.harness import ServerThread, module_server, server_config
 from vaultfs.backend.rest import RestBackend
 from vaultfs.errors import BackendError
 from vaultfs.server import auth as auth_module
@@ -27,11 +27,7 @@ from vaultfs.server.state import BucketRegistry
 V2 = "application/vnd.x.restic.rest.v2"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerThread(server_config(str(tmp_path_factory.mktemp("srv"))))
-    yield srv
-    srv.stop()
+server = module_server("srv")
 
 
 @pytest.fixture

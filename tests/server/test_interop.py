@@ -8,20 +8,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.helpers.ci import unavailable
 from tests.helpers.restic import Restic
 from tests.helpers.trees import assert_same_tree
-from tests.server.harness import ServerThread, server_config
+from tests.server.harness import module_server
 from tests.tools.cli import vault
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerThread(server_config(str(tmp_path_factory.mktemp("interop"))))
-    yield srv
-    srv.stop()
+server = module_server("interop")
 
 
 def rsync(src: Path, dst: Path) -> None:

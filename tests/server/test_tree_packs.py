@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.helpers.damage import flip_blob_byte
-from tests.server.harness import BucketCreds, ServerThread, server_config
+from tests.server.harness import BucketCreds, ServerThread, module_server
 from tests.tools.cli import vault
 from vaultfs.backend import LocalBackend
 from vaultfs.format.config import Config
@@ -26,11 +25,7 @@ from vaultfs.repo.repository import Repository
 FOLDERS = 40
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerThread(server_config(str(tmp_path_factory.mktemp("trees"))))
-    yield srv
-    srv.stop()
+server = module_server("trees")
 
 
 def gets(server: ServerThread, bucket: str) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.env import env_for
-from tests.server.harness import BucketCreds, ServerThread, server_config
+from tests.server.harness import BucketCreds, ServerThread, module_server
 from tests.tools.cli import Result, one_line_error, vault
 from vaultfs.backend import open_backend
 from vaultfs.format.gojson import GoTime
@@ -35,11 +35,7 @@ from vaultfs.repo.repository import Repository
 PASSWORD = "pw"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerThread(server_config(str(tmp_path_factory.mktemp("rest-commands"))))
-    yield srv
-    srv.stop()
+server = module_server("rest-commands")
 
 
 @pytest.fixture(scope="module")
