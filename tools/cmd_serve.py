@@ -49,6 +49,9 @@ import sys
 
 from vaultfs.tools.common import Output
 
+#: Takes no vault location, password or cache options (see common.add_global_options).
+OPENS_VAULT = False
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(

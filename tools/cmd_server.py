@@ -13,6 +13,9 @@ from vaultfs.errors import UsageError
 from vaultfs.tools.cmd_serve import add_server_options, load
 from vaultfs.tools.common import Output
 
+#: Takes no vault location, password or cache options (see common.add_global_options).
+OPENS_VAULT = False
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -30,14 +33,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     create.add_argument("--append-only", action="store_true", help="refuse deletes except locks")
     actions.add_parser("list", help="list buckets with their usage")
     info = actions.add_parser("info", help="show one bucket")
-    info.add_argument("name", metavar="NAME")
+    info.add_argument("name", metavar="NAME", help="bucket name")
     delete = actions.add_parser(
         "delete",
         help="delete a bucket and its files",
         description="Delete a bucket. One that holds files (someone's backups) is deleted with them "
         "only with --force; --keep-files forgets the bucket and leaves its folders on disk.",
     )
-    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("name", metavar="NAME", help="bucket name")
     delete.add_argument(
         "--keep-files", action="store_true", help="forget the bucket but keep its folders"
     )
@@ -45,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--force", action="store_true", help="delete the bucket's files too when it holds any"
     )
     change = actions.add_parser("set", help="change quota, append-only mode or PSK")
-    change.add_argument("name", metavar="NAME")
+    change.add_argument("name", metavar="NAME", help="bucket name")
     change.add_argument("--quota", metavar="SIZE", help="new quota (0 = none)")
     mode = change.add_mutually_exclusive_group()
     mode.add_argument(

@@ -8,6 +8,9 @@ import platform
 from vaultfs import __version__
 from vaultfs.tools.common import Output
 
+#: Takes no vault location, password or cache options (see common.add_global_options).
+OPENS_VAULT = False
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print version information", description=__doc__)

@@ -25,8 +25,29 @@ if TYPE_CHECKING:
     from vaultfs.repo.repository import Repository
 
 
-def add_global_options(parser: argparse.ArgumentParser) -> None:
+def add_global_options(parser: argparse.ArgumentParser, *, vault: bool = True) -> None:
+    """The options every command takes. ``vault``: with those that name and open a vault (location,
+    password, CA, cache); commands that open none (serve, server, version) take only the output
+    options."""
     g = parser.add_argument_group("global options")
+    if vault:
+        _add_vault_options(g)
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print machine-readable JSON instead of text",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print nothing but errors and requested output",
+    )
+
+
+def _add_vault_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "-r",
         "--repo",
@@ -59,19 +80,6 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="read everything from the vault: neither use nor fill the local cache of tree packs and "
         "pack headers ($XDG_CACHE_HOME/vaultfs/, used for remote vaults)",
-    )
-    g.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="print machine-readable JSON instead of text",
-    )
-    g.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="print nothing but errors and requested output",
     )
 
 

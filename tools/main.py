@@ -93,19 +93,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for mod in command_modules(only):
-        _finish(mod.register(sub))
+        _finish(mod.register(sub), vault=getattr(mod, "OPENS_VAULT", True))
     return parser
 
 
-def _finish(p: argparse.ArgumentParser) -> None:
-    """Global options, exit codes and formatting for a command parser and its action parsers."""
-    add_global_options(p)
+def _finish(p: argparse.ArgumentParser, *, vault: bool) -> None:
+    """Global options, exit codes and formatting for a command parser and its action parsers.
+    ``vault``: whether the command opens a vault (a module says ``OPENS_VAULT = False`` if not)."""
+    add_global_options(p, vault=vault)
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                _finish(child)
+                _finish(child, vault=vault)
 
 
 def _terminate(signum: int, frame: object) -> None:

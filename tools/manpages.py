@@ -35,14 +35,15 @@ def _header(name: str, summary: str) -> list[str]:
     ]
 
 
-def _options(parser: argparse.ArgumentParser, *, skip_global: bool) -> tuple[list[str], list[str]]:
-    """roff for positional arguments and options; returns (own, global)."""
-    own: list[str] = []
-    glob: list[str] = []
+Entry = tuple[str, str]  # an option's label ("--data DIR") and help text
+
+
+def _options(parser: argparse.ArgumentParser) -> tuple[list[Entry], list[Entry]]:
+    """Positional arguments and options of ``parser``: (its own, the global ones)."""
+    own: list[Entry] = []
+    glob: list[Entry] = []
     for group in parser._action_groups:
         target = glob if group.title == "global options" else own
-        if skip_global and target is glob:
-            continue
         for action in group._group_actions:
             if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
                 continue
@@ -62,8 +63,15 @@ def _options(parser: argparse.ArgumentParser, *, skip_global: bool) -> tuple[lis
             else:
                 label = action.metavar or action.dest
             help_text = (action.help or "").replace("%(default)s", str(action.default))
-            target += [".TP", f".B {_esc(label)}", _esc(help_text)]
+            target.append((label, help_text))
     return own, glob
+
+
+def _roff(entries: list[Entry]) -> list[str]:
+    lines: list[str] = []
+    for label, help_text in entries:
+        lines += [".TP", f".B {_esc(label)}", _esc(help_text)]
+    return lines
 
 
 def _exit_status() -> list[str]:
@@ -84,14 +92,14 @@ def page_for(name: str, parser: argparse.ArgumentParser, summary: str) -> str:
     lines = _header(name, summary)
     lines += [".SH SYNOPSIS", f".B {_esc(_usage(parser))}"]
     lines += [".SH DESCRIPTION", _esc(parser.description or summary)]
-    own, glob = _options(parser, skip_global=False)
+    own, glob = _options(parser)
     if own:
-        lines += [".SH OPTIONS", *own]
+        lines += [".SH OPTIONS", *_roff(own)]
     sub = _subparsers(parser)
     if sub is not None and name != "vault":
-        lines += [".SH ACTIONS", *_actions(parser, "")]
+        lines += [".SH ACTIONS", *_actions(parser, "", set(own))]
     if glob:
-        lines += [".SH GLOBAL OPTIONS", *glob]
+        lines += [".SH GLOBAL OPTIONS", *_roff(glob)]
     if name == "vault" and sub is not None:
         lines.append(".SH COMMANDS")
         for c in sub._choices_actions:
@@ -109,9 +117,10 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction |
     return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
-def _actions(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+def _actions(parser: argparse.ArgumentParser, prefix: str, shown: set[Entry]) -> list[str]:
     """roff for each action of ``parser`` and, depth first, for the actions of those (``vault server
-    bucket create``): a subsection with its usage, description and own options."""
+    bucket create``): a subsection with its usage, description and own options, less those the page
+    already shows (``shown``: the command's options that its actions take again, as --data)."""
     sub = _subparsers(parser)
     if sub is None:
         return []
@@ -123,9 +132,9 @@ def _actions(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
         lines += [".PP", f".B {_esc(_usage(action_parser))}"]
         if action_parser.description and action_parser.description != helps.get(action_name):
             lines += [".PP", _esc(action_parser.description)]
-        a_own, _ = _options(action_parser, skip_global=True)
-        lines += a_own
-        lines += _actions(action_parser, full + " ")
+        a_own, _ = _options(action_parser)
+        lines += _roff([entry for entry in a_own if entry not in shown])
+        lines += _actions(action_parser, full + " ", shown)
     return lines
 
 
