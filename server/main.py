@@ -151,7 +151,7 @@ class Server:
     ) -> None:
         host, port = self.config.host_port
         try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            listeners = await _open_listeners(host, port)
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.config.listen}: {exc.strerror}") from None
         scheme = "https" if self.tls else "http"
@@ -211,6 +211,26 @@ class Server:
             async for _ in signals:
                 self.shutdown.set()
                 return
+
+
+async def _open_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    """Listeners on every address of ``host`` (None: all, IPv4 and IPv6). Port 0 picks a free
+    port that is the same on every address, so one port number reaches the server whichever
+    family a client uses (the system would pick one per address)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    attempts = 20
+    while port == 0 and len({x.socket.getsockname()[1] for x in listeners}) > 1 and attempts:
+        # Take the first address's port for all; another program may take it in between.
+        chosen = listeners[0].socket.getsockname()[1]
+        await _close_all(listeners)
+        attempts -= 1
+        try:
+            listeners = await trio.open_tcp_listeners(chosen, host=host)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            listeners = await trio.open_tcp_listeners(0, host=host)
+    return listeners
 
 
 async def _close_all(listeners: list[trio.SocketListener]) -> None:

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--listen",
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:8000; :PORT is every address, IPv4 and IPv6; "
-        "port 0 picks a free port and prints it)",
+        "port 0 picks a free port, the same on every address, and prints it)",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")

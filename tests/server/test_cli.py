@@ -20,9 +20,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from tests.helpers.env import env_for
 from tests.tools.cli import one_line_error, vault
+from vaultfs.server.main import _open_listeners
 
 
 class ServeProcess:
@@ -334,3 +336,33 @@ def test_500_mb_upload_streams_with_flat_memory(tmp_path):
         assert stored.stat().st_size == count << 20
     finally:
         server.terminate()
+
+
+class _TwoLoopbacks(trio.abc.HostnameResolver):
+    """Resolves every name to two loopback addresses, as a name with an IPv4 and an IPv6 address."""
+
+    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):  # noqa: ANN001, ANN201
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (addr, port))
+            for addr in ("127.0.0.1", "127.0.0.2")
+        ]
+
+    async def getnameinfo(self, sockaddr, flags):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+
+async def test_port_zero_is_one_port_on_every_address():
+    # `--listen :0` listens on IPv4 and IPv6; the system picks a free port per socket, so the
+    # two printed URLs had different ports. Now every address gets the same one.
+    trio.socket.set_custom_hostname_resolver(_TwoLoopbacks())
+    listeners = await _open_listeners("two-addresses.test", 0)
+    try:
+        names = [listener.socket.getsockname() for listener in listeners]
+        assert {host for host, _port in names} == {"127.0.0.1", "127.0.0.2"}
+        assert len({port for _host, port in names}) == 1
+        for host, port in names:
+            with socket.create_connection((host, port), timeout=5):
+                pass
+    finally:
+        for listener in listeners:
+            await listener.aclose()
