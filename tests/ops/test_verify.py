@@ -107,6 +107,7 @@ class FlakyBackend(Backend):
         self.bad_once = set(bad_once)
         self.bad = bad
         self.reads: dict[str, int] = {}
+        self.stats: list[str] = []
 
     def list(self, kind: str) -> Iterator[tuple[str, int]]:
         for (k, name), data in sorted(self.objects.items()):
@@ -114,6 +115,7 @@ class FlakyBackend(Backend):
                 yield name, len(data)
 
     def stat(self, kind: str, name: str) -> int:
+        self.stats.append(name)
         if (kind, name) not in self.objects:
             raise ObjectNotFound(f"{kind}/{name} does not exist")
         return len(self.objects[kind, name])
@@ -153,6 +155,8 @@ def test_mismatch_is_read_twice_before_it_is_reported():
     assert backend.reads[names[0]] == 2 and backend.reads[names[1]] == 2
     assert backend.reads[names[2]] == 1
     assert report.files_checked == 7
+    # The listing gives the sizes: only the re-read after a mismatch asks again (a request each).
+    assert sorted(backend.stats) == sorted(names[:2])
 
 
 @pytest.mark.parametrize("state_name", ["state.json", "state.sqlite"])

@@ -339,7 +339,9 @@ class _Hasher:
                 os.close(fd)
             return h.hexdigest(), done
         kind = f.folder
-        size = self.backend.stat(kind, f.name)
+        # The listing gave the size (a request per file less); the second read, after a mismatch,
+        # asks again in case the file changed since.
+        size = self.backend.stat(kind, f.name) if again else f.size
         while done < size:
             piece = self.backend.read(kind, f.name, done, min(READ_SIZE, size - done))
             h.update(piece)
