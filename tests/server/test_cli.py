@@ -67,6 +67,11 @@ class ServeProcess:
         return self.proc.returncode, self.err_seen + err
 
 
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
 def make_cert(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key, as PEM files."""
     from cryptography import x509
@@ -207,6 +212,27 @@ def test_tls_serve_with_private_ca_and_sigterm(tmp_path):
         assert answer.startswith(b"HTTP/1.1 400 Bad Request, this server speaks HTTPS"), answer[:80]
         ctx = ssl.create_default_context(cafile=str(cert))
         assert httpx.get(server.url + "healthz", verify=ctx).text == "ok\n"
+        # Over TLS a download cannot use sendfile: it goes through the server in pieces, and a
+        # reader slower than the server must not make it buffer the file.
+        piece, count = os.urandom(1 << 20), 256
+        name = hashlib.sha256(piece * count).hexdigest()
+        stored = data / "tls" / "data" / name[:2] / name
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        with open(stored, "wb") as f:
+            for _ in range(count):
+                f.write(piece)
+        got, n = hashlib.sha256(), 0
+        url = f"{server.url}tls/data/{name}"
+        with httpx.stream("GET", url, auth=("tls", creds["psk"]), verify=ctx, timeout=120) as r:
+            assert r.status_code == 200
+            for part in r.iter_bytes(1 << 20):
+                got.update(part)
+                n += len(part)
+                if n < 64 << 20:
+                    time.sleep(0.002)
+        assert (n, got.hexdigest()) == (count << 20, name)
+        peak_kib = _peak_rss_kib(server.proc.pid)
+        assert peak_kib < 150 * 1024, f"server peak RSS {peak_kib} KiB after a TLS download"
     finally:
         code, err = server.terminate()
     assert code == 0, err
@@ -305,8 +331,9 @@ def test_upload_debris_of_a_killed_server_is_swept_after_a_restart(tmp_path):
 
 
 @pytest.mark.slow
-def test_500_mb_upload_streams_with_flat_memory(tmp_path):
-    """The server's peak RSS after a 500 MB upload stays far below the upload's size."""
+def test_500_mb_upload_and_download_stream_with_flat_memory(tmp_path):
+    """The server's peak RSS after a 500 MB upload, and after downloading it whole and in a 400 MB
+    range with a reader slower than the server, stays far below the file's size."""
     data = tmp_path / "data"
     creds = json.loads(admin(data, "bucket", "create", "big", "--json").out)
     server = ServeProcess("--data", data, "--listen", "127.0.0.1:0", "--access-log", "")
@@ -329,11 +356,35 @@ def test_500_mb_upload_streams_with_flat_memory(tmp_path):
             timeout=120,
         )
         assert resp.status_code == 200
-        status = Path(f"/proc/{server.proc.pid}/status").read_text()
-        peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
-        assert peak_kib < 150 * 1024, f"server peak RSS {peak_kib} KiB"
+        peak_kib = _peak_rss_kib(server.proc.pid)
+        assert peak_kib < 150 * 1024, f"server peak RSS {peak_kib} KiB after the upload"
         stored = data / "big" / "data" / h.hexdigest()[:2] / h.hexdigest()
         assert stored.stat().st_size == count << 20
+
+        url = f"{server.url}big/data/{h.hexdigest()}"
+        for headers, start, size in (
+            ({}, 0, count << 20),
+            ({"Range": "bytes=50-400000049"}, 50, 400_000_000),
+        ):
+            got = hashlib.sha256()
+            n = 0
+            with httpx.stream(
+                "GET", url, headers=headers, auth=("big", creds["psk"]), timeout=120
+            ) as r:
+                assert r.status_code == (206 if headers else 200)
+                for part in r.iter_bytes(1 << 20):
+                    got.update(part)
+                    n += len(part)
+                    if n < 64 << 20:
+                        time.sleep(0.002)  # a slow start: the server must wait, not buffer
+            assert n == size
+            want = hashlib.sha256()
+            with open(stored, "rb") as f:
+                f.seek(start)
+                want.update(f.read(size))
+            assert got.hexdigest() == want.hexdigest()
+        peak_kib = _peak_rss_kib(server.proc.pid)
+        assert peak_kib < 150 * 1024, f"server peak RSS {peak_kib} KiB after the downloads"
     finally:
         server.terminate()
 
