@@ -71,11 +71,15 @@ class ObjectNotFound(VaultError):
 
 
 class BackendError(VaultError):
-    """The storage failed (I/O error, full disk, network). ``temporary`` errors are worth a retry."""
+    """The storage failed (I/O error, full disk, network). ``temporary`` errors are worth a retry,
+    not sooner than ``retry_after`` seconds when the storage said so (HTTP Retry-After)."""
 
-    def __init__(self, message: str, *, temporary: bool = False) -> None:
+    def __init__(
+        self, message: str, *, temporary: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.temporary = temporary
+        self.retry_after = retry_after
 
 
 class NotFoundError(VaultError):

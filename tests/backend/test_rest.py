@@ -5,6 +5,7 @@ The vaultfs bucket server is exercised by tests/server/ and by the conformance s
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
@@ -305,13 +306,21 @@ class ForwardProxy:
     send them). It records each request's method and path, and answers the first ``fail_first``
     requests whose path contains ``fail_on`` with ``fail_status`` itself instead of forwarding them."""
 
-    def __init__(self, fail_on: str = "", fail_first: int = 0, fail_status: int = 503) -> None:
+    def __init__(
+        self,
+        fail_on: str = "",
+        fail_first: int = 0,
+        fail_status: int = 503,
+        fail_headers: dict[str, str] | None = None,
+    ) -> None:
         import http.client
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlsplit
 
         self.seen: list[tuple[str, str]] = []
+        self.times: list[float] = []  # when each request in ``seen`` arrived (time.monotonic)
         self.fail_on, self.fail_first, self.fail_status = fail_on, fail_first, fail_status
+        self.fail_headers = fail_headers or {}
         self.failed = 0
         proxy = self
 
@@ -321,11 +330,14 @@ class ForwardProxy:
             def _forward(self) -> None:
                 url = urlsplit(self.path)
                 proxy.seen.append((self.command, url.path))
+                proxy.times.append(time.monotonic())
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 if proxy.fail_on in url.path and proxy.failed < proxy.fail_first:
                     proxy.failed += 1
                     self.send_response(proxy.fail_status)
+                    for key, value in proxy.fail_headers.items():
+                        self.send_header(key, value)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -392,3 +404,39 @@ def test_http_proxy_is_honoured_and_temporary_errors_are_retried(tmp_path):
     finally:
         proxy.stop()
         server.stop()
+
+
+def test_retry_after_is_honoured(tmp_path):
+    """A 429 (or 503) with Retry-After is retried no sooner than it asks, not after the usual 0.5 s:
+    the server's login throttle answers so, and a client that comes back early only gets another 429."""
+    from tests.server.harness import ServerThread, server_config
+
+    server = ServerThread(server_config(str(tmp_path / "srv")))
+    proxy = ForwardProxy(fail_on="/snapshots/", fail_first=1, fail_status=429,
+                         fail_headers={"Retry-After": "2"})  # fmt: skip
+    env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    try:
+        creds = server.bucket()
+        vault("-r", creds.location, "init", env=env)
+        assert json.loads(vault("-r", creds.location, "snapshots", "--json", env=env).out) == []
+        listings = [
+            t for (m, p), t in zip(proxy.seen, proxy.times, strict=True)
+            if m == "GET" and p == f"/{creds.name}/snapshots/"
+        ]  # fmt: skip
+        assert proxy.failed == 1 and len(listings) == 2
+        assert listings[1] - listings[0] >= 1.9
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+def test_retry_after_values():
+    from vaultfs.backend.rest import RETRY_AFTER_MAX, _retry_after
+
+    assert _retry_after("3") == 3.0
+    assert _retry_after("100000") == RETRY_AFTER_MAX
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    past = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert _retry_after(past) == 0.0
+    future = email.utils.formatdate(time.time() + 10, usegmt=True)
+    assert 8.0 <= _retry_after(future) <= 10.0

@@ -24,13 +24,15 @@ Protocol notes that shape this module:
   wait). ``vault serve`` never shows a partial upload, so there the wait is one HEAD.
 
 Errors: connection failures, timeouts and 408/429/500/502/503/504 are temporary (the retry wrapper retries
-them); 401, 403, 404, 416, 507 and other answers are permanent. Messages never contain the password.
+them), not sooner than a Retry-After header asks (up to ``RETRY_AFTER_MAX``); 401, 403, 404, 416, 507 and
+other answers are permanent. Messages never contain the password.
 
 Thread-safe: one httpx.Client (its connection pool is shared by all threads).
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import ssl
@@ -56,6 +58,8 @@ _TEMPORARY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 #: After a broken upload: how long the next upload of that name waits at most for the server to drop
 #: the part it kept, and how long after the break it looks first (a server may not have noticed yet).
 _PARTIAL_WAIT = 10.0
+#: The longest Retry-After honoured (seconds); a server asking for more gets retried after this.
+RETRY_AFTER_MAX = 30.0
 _PARTIAL_SETTLE = 0.25
 
 
@@ -227,6 +231,7 @@ class RestBackend(Backend):
         return BackendError(
             f"{method} {what} at {self.location}: HTTP {code} {detail}{hint}",
             temporary=code in _TEMPORARY_STATUS,
+            retry_after=_retry_after(resp.headers.get("Retry-After")),
         )
 
     # -- contract ------------------------------------------------------------------------------
@@ -456,3 +461,21 @@ def quote_credentials(user: str, password: str) -> str:
 
 
 __all__ = ["RestBackend", "V2", "parse_rest_location", "quote_credentials", "redact"]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks to wait (delta-seconds or an HTTP date), at most
+    RETRY_AFTER_MAX; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(int(value.strip()))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)

@@ -1,4 +1,5 @@
-"""Retry wrapper: repeats backend calls that failed with a temporary BackendError, with backoff.
+"""Retry wrapper: repeats backend calls that failed with a temporary BackendError, with backoff (and
+not sooner than the error's ``retry_after``, when the storage asked for a pause).
 
 Permanent errors (missing objects, permission problems, a full disk) pass through at once. Listings are
 retried only before their first item, so a caller never sees an item twice.
@@ -31,7 +32,8 @@ class RetryBackend(Backend):
             except BackendError as exc:
                 if not exc.temporary or attempt == self.attempts - 1:
                     raise
-            time.sleep(delay)
+                wait = max(delay, exc.retry_after or 0.0)
+            time.sleep(wait)
             delay = min(delay * 2, 30)
         raise AssertionError("unreachable")
 
