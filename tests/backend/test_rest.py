@@ -366,6 +366,10 @@ class ForwardProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def env(self) -> dict[str, str]:
+        """Environment that sends a client's requests through this proxy."""
+        return {"HTTP_PROXY": self.url, "http_proxy": self.url, "NO_PROXY": "", "no_proxy": ""}
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -378,7 +382,7 @@ def test_http_proxy_is_honoured_and_temporary_errors_are_retried(tmp_path):
 
     server = ServerThread(server_config(str(tmp_path / "srv")))
     proxy = ForwardProxy(fail_on="/snapshots/", fail_first=2)
-    env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    env = proxy.env()
     try:
         creds = server.bucket()
         src = tmp_path / "src"
@@ -414,7 +418,7 @@ def test_retry_after_is_honoured(tmp_path):
     server = ServerThread(server_config(str(tmp_path / "srv")))
     proxy = ForwardProxy(fail_on="/snapshots/", fail_first=1, fail_status=429,
                          fail_headers={"Retry-After": "2"})  # fmt: skip
-    env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    env = proxy.env()
     try:
         creds = server.bucket()
         vault("-r", creds.location, "init", env=env)
