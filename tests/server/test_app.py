@@ -175,7 +175,7 @@ def test_v1_listing_is_understood_by_the_client(bucket):
     try:
         data, name = blob()
         be.write("index", name, data)
-        be._client.headers["Accept"] = "application/vnd.x.restic.rest.v1"
+        be._headers["Accept"] = "application/vnd.x.restic.rest.v1"
         assert list(be.list("index")) == [(name, len(data))]
     finally:
         be.close()

@@ -11,10 +11,9 @@ Protocol notes that shape this module:
   every listed object is HEADed for its size.
 * Reads always send ``Range`` and accept 200 (a server that ignores Range) or 206; fewer bytes than asked
   for is a short read and an error, as in every backend.
-* Uploads send the body as an iterator of pieces of at most _SEND_PIECE with an exact Content-Length:
-  httpx copies a single large ``bytes`` body quadratically, and servers want the length up front (quota
-  checks, no chunking). ``write_stream`` sends its source's bytes as they come; a source that fails (or
-  gives the wrong number of bytes) cuts the body short, which no server stores.
+* Uploads carry an exact Content-Length (servers want it up front for quota checks; no chunking).
+  ``write_stream`` sends its source's pieces as they come; a source that fails (or gives the wrong
+  number of bytes) cuts the body short, which no server stores.
 * ``403`` on an upload means the object already exists (servers never overwrite), which for a write-once,
   content-addressed store is success; we confirm with a HEAD so an append-only refusal is not hidden.
 * After an upload of a name was cut short (or answered with a temporary error), the next upload of that
@@ -27,70 +26,59 @@ Errors: connection failures, timeouts and 408/429/500/502/503/504 are temporary 
 them), not sooner than a Retry-After header asks (up to ``RETRY_AFTER_MAX``); 401, 403, 404, 416, 507 and
 other answers are permanent. Messages never contain the password.
 
-Thread-safe: one httpx.Client (its connection pool is shared by all threads).
+Thread-safe: one connection pool (httpclient.ConnectionPool) is shared by all threads.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import os
 import ssl
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from email.message import Message
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from vaultfs.backend.base import Backend, Source, check_name, check_streamed_size
+from vaultfs.backend.httpclient import (
+    TRANSPORT_ERRORS,
+    Buffer,
+    ConnectionPool,
+    SourceError,
+    basic_authorization,
+)
 from vaultfs.errors import BackendError, FormatError, ObjectNotFound, UsageError
 
-if TYPE_CHECKING:
-    import httpx
-
 V2 = "application/vnd.x.restic.rest.v2"
-#: h11 joins each piece of an upload body into a new ``bytes``. backup and deep-verify have glibc map
-#: every block of 512 KiB or more afresh (tools/common.tune_malloc), so 1 MiB pieces cost a mmap, 256 page
-#: faults and a munmap each; smaller pieces reuse heap memory. vault backup of the 1.1 GB benchmark set
-#: through vault serve, 4 paired rounds: 1 MiB pieces 6.62 s median, 256 KiB 5.74 s; client minor faults
-#: 300,000 -> 100,000.
-_SEND_PIECE = 256 * 1024
 _TEMPORARY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 #: After a broken upload: how long the next upload of that name waits at most for the server to drop
 #: the part it kept, and how long after the break it looks first (a server may not have noticed yet).
 _PARTIAL_WAIT = 10.0
+_PARTIAL_SETTLE = 0.25
 #: The longest Retry-After honoured (seconds); a server asking for more gets retried after this.
 RETRY_AFTER_MAX = 30.0
-_PARTIAL_SETTLE = 0.25
+_PROXY_AUTH = (
+    "; the proxy wants a user and password: give them in its URL in HTTP_PROXY / HTTPS_PROXY "
+    "(http://user:password@proxy:port)"
+)
+#: Pieces in which an answer that ignored Range is read up to the wanted offset.
+_SKIP_PIECE = 1024 * 1024
 
 
-#: Bytes per socket read of an answer (httpcore's default is 64 KiB). Below the 512 KiB from which
-#: tools/common.tune_malloc has each receive buffer mapped afresh.
-_READ_SIZE = 256 * 1024
+Body = Buffer | Iterator[Buffer]
 
 
-def _larger_reads() -> None:
-    """Have httpcore read answers _READ_SIZE bytes at a time instead of 64 KiB.
+@dataclass(frozen=True)
+class _Answer:
+    """A whole answer (everything but range reads, whose bodies are read as they come)."""
 
-    Each read goes through h11's event machinery and is copied three times on its way to us, so the
-    number of reads is most of the client's CPU time for a download: 784 MB of packs through vault
-    serve, 3 paired rounds, whole-pack reads 0.85-1.16 -> 0.64-0.81 CPU-s, 1 MiB ranges 1.13-1.62 ->
-    1.04-1.30. httpcore has no option for it; its class attribute is changed only while it still holds
-    the default this was measured against (it is process-wide, for every httpcore user alike).
-    """
-    from httpcore._sync.http11 import HTTP11Connection
-
-    if getattr(HTTP11Connection, "READ_NUM_BYTES", None) == 64 * 1024:
-        HTTP11Connection.READ_NUM_BYTES = _READ_SIZE
-
-
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of ``kind`` in ``exc``'s chain of causes (httpx wraps the ssl error)."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None or isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    status: int
+    reason: str
+    headers: Message
+    body: bytes
 
 
 def parse_rest_location(location: str) -> tuple[str, str | None, str | None]:
@@ -145,12 +133,6 @@ class RestBackend(Backend):
         connections: int = 16,
         timeout: float = 120.0,
     ) -> None:
-        # httpx is imported here, not at module level: it costs ~50 ms that local-only runs need not pay.
-        import httpx
-
-        _larger_reads()
-        self._transport_errors = (httpx.TransportError,)
-        self._invalid_url = httpx.InvalidURL
         base, user, password = parse_rest_location(location)
         user = user if user is not None else os.environ.get("VAULT_REST_USERNAME") or None
         if password is None:
@@ -158,65 +140,85 @@ class RestBackend(Backend):
         self.base = base
         self.location = redact(location if location.startswith("rest:") else "rest:" + location)
         cacert = cacert or os.environ.get("VAULT_CACERT") or None
-        verify: ssl.SSLContext | bool = True
+        context = ssl.create_default_context()
         if cacert:
             try:
-                verify = ssl.create_default_context()
-                verify.load_verify_locations(cafile=cacert)
+                context.load_verify_locations(cafile=cacert)
             except (OSError, ssl.SSLError) as exc:
                 raise UsageError(f"cannot load CA certificates from {cacert}: {exc}") from None
-        auth = httpx.BasicAuth(user, password or "") if user is not None else None
-        self._client = httpx.Client(
-            auth=auth,
-            verify=verify,
-            trust_env=True,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            headers={"Accept": V2},
-            follow_redirects=False,
+        parts = urlsplit(base)
+        assert parts.hostname is not None  # parse_rest_location checked
+        # The vault's path on the server, ending in "/"; escapes the user wrote stay as they are.
+        self._prefix = quote(parts.path, safe="/%:@!$&'()*+,;=-._~")
+        self._headers = {"Accept": V2, "User-Agent": "vaultfs"}
+        if user is not None:
+            self._headers["Authorization"] = basic_authorization(user, password or "")
+        self._pool = ConnectionPool(
+            parts.scheme,
+            parts.hostname,
+            parts.port or (443 if parts.scheme == "https" else 80),
+            context=context,
+            timeout=timeout,
+            connect_timeout=min(timeout, 30.0),
+            size=connections,
         )
         # (kind, name) of uploads cut short -> when; dict operations are atomic under the GIL.
         self._broken: dict[tuple[str, str], float] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _url(self, kind: str, name: str) -> str:
+    def _path(self, kind: str, name: str) -> str:
         if kind == "config":
-            return self.base + "config"
-        return f"{self.base}{kind}/{name}"
+            return self._prefix + "config"
+        return f"{self._prefix}{kind}/{name}"
 
     @staticmethod
     def _what(kind: str, name: str) -> str:
         return "config" if kind == "config" else f"{kind}/{name}"
 
-    def _send(self, method: str, url: str, what: str, **kwargs) -> httpx.Response:  # noqa: ANN003
+    def _send(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        headers: dict[str, str] | None = None,
+        body: Body | None = None,
+        length: int = 0,
+    ) -> _Answer:
+        """One request, its answer read whole."""
         try:
-            return self._client.request(method, url, **kwargs)
-        except self._transport_errors as exc:
+            with self._pool.request(
+                method, path, {**self._headers, **(headers or {})}, body, length
+            ) as resp:
+                return _Answer(resp.status, resp.reason, resp.headers, resp.read())
+        except SourceError as exc:
+            raise exc.error from None  # the caller's own exception, as it was raised
+        except TRANSPORT_ERRORS as exc:
             raise self._transport_error(method, what, exc) from None
-        except self._invalid_url as exc:
-            raise UsageError(f"bad REST location {self.location}: {exc}") from None
 
     def _transport_error(self, method: str, what: str, exc: Exception) -> BackendError:
         reason = str(exc) or type(exc).__name__
-        if _cause(exc, ssl.SSLCertVerificationError) is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
             # Permanent: retrying cannot make the server's certificate trusted.
             return BackendError(
                 f"{method} {what} at {self.location} failed: {reason}; if the server's certificate "
                 "comes from a private CA, pass that CA's certificate with --cacert (or VAULT_CACERT)"
             )
+        if "Tunnel connection failed: 407" in reason:  # http.client's words for a CONNECT refused
+            return BackendError(f"{method} {what} at {self.location} failed: {reason}{_PROXY_AUTH}")
         return BackendError(
             f"{method} {what} at {self.location} failed: {reason}; check that the server is reachable",
             temporary=True,
         )
 
-    def _status_error(self, resp: httpx.Response, method: str, what: str) -> BackendError:
-        code = resp.status_code
-        detail = (
-            resp.text.strip().splitlines()[0][:200] if resp.text.strip() else resp.reason_phrase
-        )
+    def _status_error(self, answer: _Answer, method: str, what: str) -> BackendError:
+        code = answer.status
+        text = answer.body.decode("utf-8", "replace").strip()
+        detail = text.splitlines()[0][:200] if text else answer.reason
         if code == 401:
             hint = "; check the user name and password (PSK) in the location"
+        elif code == 407:
+            hint = _PROXY_AUTH
         elif code == 507:
             hint = "; the bucket's quota or the server's disk is full"
         elif code == 403 and "append-only" in detail:
@@ -231,22 +233,22 @@ class RestBackend(Backend):
         return BackendError(
             f"{method} {what} at {self.location}: HTTP {code} {detail}{hint}",
             temporary=code in _TEMPORARY_STATUS,
-            retry_after=_retry_after(resp.headers.get("Retry-After")),
+            retry_after=_retry_after(answer.headers.get("Retry-After")),
         )
 
     # -- contract ------------------------------------------------------------------------------
 
     def create(self) -> None:
         # restic sends create without the v2 Accept header; servers do not need it here.
-        resp = self._send(
+        answer = self._send(
             "POST",
-            self.base + "?create=true",
+            self._prefix + "?create=true",
             "the vault folders",
             headers={"Accept": "*/*", "Content-Type": "binary/octet-stream"},
-            content=b"",
+            body=b"",
         )
-        if resp.status_code != 200:
-            raise self._status_error(resp, "POST", "?create=true")
+        if answer.status != 200:
+            raise self._status_error(answer, "POST", "?create=true")
 
     def list(self, kind: str) -> Iterator[tuple[str, int]]:
         check_name(kind, "" if kind == "config" else "0" * 64)
@@ -256,17 +258,16 @@ class RestBackend(Backend):
             except ObjectNotFound:
                 pass
             return
-        url = f"{self.base}{kind}/"
-        resp = self._send("GET", url, f"{kind}/")
-        if resp.status_code == 404:
+        answer = self._send("GET", f"{self._prefix}{kind}/", f"{kind}/")
+        if answer.status == 404:
             return
-        if resp.status_code != 200:
-            raise self._status_error(resp, "GET", f"{kind}/")
+        if answer.status != 200:
+            raise self._status_error(answer, "GET", f"{kind}/")
         try:
-            doc = json.loads(resp.content)
+            doc = json.loads(answer.body)
         except ValueError:
             raise BackendError(f"listing {kind}/ at {self.location}: not JSON") from None
-        if resp.headers.get("content-type", "").split(";")[0].strip() == V2:
+        if answer.headers.get("content-type", "").split(";")[0].strip() == V2:
             items = [(str(e["name"]), int(e["size"])) for e in doc if isinstance(e, dict)]
         else:
             items = [(str(n), self.stat(kind, str(n))) for n in doc if isinstance(n, str)]
@@ -281,14 +282,14 @@ class RestBackend(Backend):
     def stat(self, kind: str, name: str) -> int:
         check_name(kind, name)
         what = self._what(kind, name)
-        resp = self._send("HEAD", self._url(kind, name), what)
-        if resp.status_code == 404:
+        answer = self._send("HEAD", self._path(kind, name), what)
+        if answer.status == 404:
             raise ObjectNotFound(f"{what} does not exist at {self.location}")
-        if resp.status_code != 200:
-            raise self._status_error(resp, "HEAD", what)
+        if answer.status != 200:
+            raise self._status_error(answer, "HEAD", what)
         try:
-            return int(resp.headers["content-length"])
-        except (KeyError, ValueError):
+            return int(answer.headers["content-length"])
+        except (KeyError, TypeError, ValueError):
             raise BackendError(f"HEAD {what} at {self.location}: no Content-Length") from None
 
     def exists(self, kind: str, name: str) -> bool:
@@ -307,66 +308,54 @@ class RestBackend(Backend):
             self.stat(kind, name)
             return b""
         rng = f"bytes={offset}-" if length is None else f"bytes={offset}-{offset + length - 1}"
-        request = self._client.build_request("GET", self._url(kind, name), headers={"Range": rng})
+        headers = {**self._headers, "Range": rng}
         try:
-            resp = self._client.send(request, stream=True)
-            try:
-                if resp.status_code in (200, 206):
+            with self._pool.request("GET", self._path(kind, name), headers) as resp:
+                if resp.status in (200, 206):
                     body = self._receive(resp, offset, length, what)
                 else:
-                    resp.read()
-            finally:
-                resp.close()
-        except self._transport_errors as exc:
+                    answer = _Answer(resp.status, resp.reason, resp.headers, resp.read())
+        except TRANSPORT_ERRORS as exc:
             raise self._transport_error("GET", what, exc) from None
-        if resp.status_code == 404:
+        if resp.status == 404:
             raise ObjectNotFound(f"{what} does not exist at {self.location}")
-        if resp.status_code == 416:
+        if resp.status == 416:
             raise BackendError(
                 f"short read of {what}: wanted {length} bytes at offset {offset}, "
                 "the object is smaller"
             )
-        if resp.status_code not in (200, 206):
-            raise self._status_error(resp, "GET", what)
+        if resp.status not in (200, 206):
+            raise self._status_error(answer, "GET", what)
         if length is not None and len(body) != length:
             raise BackendError(
                 f"short read of {what}: wanted {length} bytes at offset {offset}, got {len(body)}"
             )
         return body
 
-    def _receive(self, resp: httpx.Response, offset: int, length: int | None, what: str) -> bytes:
-        """The requested bytes of a 200/206 answer, read in pieces."""
-        skip = 0
-        if resp.status_code == 200:
-            skip = offset  # the server ignored Range and sent the whole object
-        else:
-            start = resp.headers.get("content-range", "").removeprefix("bytes ").split("-")[0]
+    def _receive(
+        self, resp: http.client.HTTPResponse, offset: int, length: int | None, what: str
+    ) -> bytes:
+        """The requested bytes of a 200/206 answer.
+
+        A 206 is read to its end in one call, which reads straight into the bytes returned and keeps
+        the connection for the next request. A 200 (a server that ignored Range) is read up to the
+        offset and then only as far as wanted; the pool closes the connection of an answer not read to
+        its end."""
+        if resp.status == 206:
+            start = (resp.getheader("content-range") or "").removeprefix("bytes ").split("-")[0]
             if start != str(offset):
                 raise BackendError(f"GET {what}: server sent a different range ({start})")
-        want = None if length is None else length
-        pieces = []
-        got = 0
-        # The pieces as they arrive: iter_raw(size) would first join them into pieces of that size,
-        # one more copy of every byte (whole-pack reads: 24% less CPU without it).
-        for piece in resp.iter_raw():
-            if skip:
-                cut = min(skip, len(piece))
-                piece = piece[cut:]
-                skip -= cut
-            if want is not None and got + len(piece) > want:
-                piece = piece[: want - got]
-            if piece:
-                pieces.append(piece)
-                got += len(piece)
-            if want is not None and got >= want and resp.status_code == 200:
-                # The rest of the object is not wanted: closing the unfinished answer closes the
-                # connection. A 206 is read to its end instead, which keeps the connection for the
-                # next request (stopping at the last wanted byte closed one per read).
-                break
-        return b"".join(pieces)
+            return resp.read()
+        skip = offset
+        while skip:
+            piece = resp.read(min(skip, _SKIP_PIECE))
+            if not piece:
+                return b""
+            skip -= len(piece)
+        return resp.read() if length is None else resp.read(length)
 
     def write(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
-        self._post(kind, name, iter((data,)), memoryview(data).nbytes)
+        self._post(kind, name, data, memoryview(data).nbytes)
 
     def write_stream(self, kind: str, name: str, source: Source, size: int) -> None:
         def pieces() -> Iterator[bytes | bytearray | memoryview]:
@@ -381,11 +370,10 @@ class RestBackend(Backend):
 
         self._post(kind, name, pieces(), size)
 
-    def _post(
-        self, kind: str, name: str, pieces: Iterator[bytes | bytearray | memoryview], size: int
-    ) -> None:
-        """Upload ``size`` bytes with an exact Content-Length. An exception raised by ``pieces``
-        aborts the request (the connection is dropped mid-body) and propagates."""
+    def _post(self, kind: str, name: str, body: Body, size: int) -> None:
+        """Upload ``size`` bytes (one buffer, or an iterator of pieces) with an exact Content-Length.
+        An exception raised by the iterator aborts the request (the connection is dropped mid-body)
+        and propagates."""
         check_name(kind, name)
         what = self._what(kind, name)
         key = (kind, name)
@@ -393,28 +381,26 @@ class RestBackend(Backend):
         if broken is not None:
             self._wait_for_partial(kind, name, size, broken)
         try:
-            resp = self._send(
+            answer = self._send(
                 "POST",
-                self._url(kind, name),
+                self._path(kind, name),
                 what,
-                content=_slices(pieces),
-                headers={
-                    "Content-Length": str(size),
-                    "Content-Type": "application/octet-stream",
-                },
+                headers={"Content-Type": "application/octet-stream"},
+                body=body,
+                length=size,
             )
         except BaseException:
             self._broken[key] = time.monotonic()
             raise
-        if resp.status_code == 200:
+        if answer.status == 200:
             self._broken.pop(key, None)
             return
-        if resp.status_code == 403 and self.exists(kind, name):
+        if answer.status == 403 and self.exists(kind, name):
             self._broken.pop(key, None)
             return  # written once already (perhaps by our own earlier, retried attempt)
-        if resp.status_code in _TEMPORARY_STATUS:
+        if answer.status in _TEMPORARY_STATUS:
             self._broken[key] = time.monotonic()
-        raise self._status_error(resp, "POST", what)
+        raise self._status_error(answer, "POST", what)
 
     def _wait_for_partial(self, kind: str, name: str, size: int, broken: float) -> None:
         """Before uploading ``kind/name`` again after the upload that broke at ``broken``: wait until
@@ -437,22 +423,13 @@ class RestBackend(Backend):
     def remove(self, kind: str, name: str) -> None:
         check_name(kind, name)
         what = self._what(kind, name)
-        resp = self._send("DELETE", self._url(kind, name), what)
-        if resp.status_code in (200, 204, 404):
+        answer = self._send("DELETE", self._path(kind, name), what)
+        if answer.status in (200, 204, 404):
             return
-        raise self._status_error(resp, "DELETE", what)
+        raise self._status_error(answer, "DELETE", what)
 
     def close(self) -> None:
-        self._client.close()
-
-
-def _slices(pieces: Iterator[bytes | bytearray | memoryview]) -> Iterator[memoryview]:
-    """The pieces cut into views of at most _SEND_PIECE bytes (slices, not copies: h11 copies each
-    piece into the bytes it sends anyway)."""
-    for piece in pieces:
-        view = memoryview(piece).cast("B")
-        for start in range(0, len(view), _SEND_PIECE):
-            yield view[start : start + _SEND_PIECE]
+        self._pool.close()
 
 
 def quote_credentials(user: str, password: str) -> str:
