@@ -45,7 +45,7 @@ COMMANDS = [
     "version",
 ]
 
-EPILOG = """exit codes:
+EXIT_CODES = """exit codes:
   0    success
   1    failure (including integrity problems found)
   2    wrong usage
@@ -54,13 +54,16 @@ EPILOG = """exit codes:
   11   the vault is locked by another process
   12   wrong password
   130  interrupted (Ctrl-C or SIGTERM)
-
-environment:
+"""
+ENVIRONMENT = """environment:
   VAULT_REPOSITORY, VAULT_PASSWORD, VAULT_PASSWORD_FILE, VAULT_PASSWORD_COMMAND, VAULT_NEW_PASSWORD,
   VAULT_CACERT, VAULT_REST_USERNAME, VAULT_REST_PASSWORD, TMPDIR, XDG_CACHE_HOME;
   for rest: vaults HTTP_PROXY, HTTPS_PROXY, ALL_PROXY (an http://[user:password@]host:port proxy)
   and NO_PROXY
 """
+#: For `vault` and every command that opens a vault; the others (serve, server, version) read none of
+#: these variables and show only the exit codes.
+EPILOG = EXIT_CODES + "\n" + ENVIRONMENT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +106,7 @@ def _finish(p: argparse.ArgumentParser, *, vault: bool) -> None:
     """Global options, exit codes and formatting for a command parser and its action parsers.
     ``vault``: whether the command opens a vault (a module says ``OPENS_VAULT = False`` if not)."""
     add_global_options(p, vault=vault)
-    p.epilog = EPILOG
+    p.epilog = EPILOG if vault else EXIT_CODES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from vaultfs import __version__
-from vaultfs.tools.main import EPILOG, build_parser
+from vaultfs.tools.main import EXIT_CODES, build_parser
 
 
 def _esc(text: str) -> str:
@@ -74,13 +74,15 @@ def _roff(entries: list[Entry]) -> list[str]:
     return lines
 
 
-def _exit_status() -> list[str]:
+def _exit_status(epilog: str) -> list[str]:
+    """EXIT STATUS and, where the command's help has one, ENVIRONMENT, from its epilog."""
+    codes, _, environment = epilog.partition("environment:")
     lines = [".SH EXIT STATUS"]
-    body = EPILOG.split("environment:")[0].split("\n", 1)[1]
-    for row in body.strip().splitlines():
+    for row in codes.split("\n", 1)[1].strip().splitlines():
         code, _, text = row.strip().partition(" ")
         lines += [".TP", f".B {code}", _esc(text.strip())]
-    lines += [".SH ENVIRONMENT", _esc(EPILOG.split("environment:")[1].strip())]
+    if environment.strip():
+        lines += [".SH ENVIRONMENT", _esc(environment.strip())]
     return lines
 
 
@@ -104,7 +106,7 @@ def page_for(name: str, parser: argparse.ArgumentParser, summary: str) -> str:
         lines.append(".SH COMMANDS")
         for c in sub._choices_actions:
             lines += [".TP", f".BR vault\\-{_esc(c.dest)} (1)", _esc(c.help or "")]
-    lines += _exit_status()
+    lines += _exit_status(parser.epilog or EXIT_CODES)
     others = ["vault"] if name != "vault" else []
     lines += [
         ".SH SEE ALSO",

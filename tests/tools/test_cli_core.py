@@ -257,17 +257,23 @@ def test_version_and_help():
 
 def test_commands_without_a_vault_take_no_vault_options():
     # serve, server and version open no vault: their help and man pages list no location or
-    # password options, and giving one there is a usage error, not silently ignored.
+    # password options nor the variables that name them, and giving one there is a usage error, not
+    # silently ignored.
     from vaultfs.tools import manpages
 
     pages = manpages.render_all()
     for command in ("serve", "server", "version"):
-        assert "--password-file" not in vault(command, "--help", password=None).out
+        shown = vault(command, "--help", password=None).out
+        assert "--password-file" not in shown and "VAULT_PASSWORD" not in shown
         assert "\\-\\-password\\-file" not in pages[f"vault-{command}.1"]
+        assert "VAULT_PASSWORD" not in pages[f"vault-{command}.1"]
+        assert ".SH EXIT STATUS" in pages[f"vault-{command}.1"]
         action = ["volumes"] if command == "server" else []
         err = vault(command, *action, "--no-cache", password=None, expect=2).err
         assert "unrecognized arguments: --no-cache" in err
     assert "\\-\\-password\\-file" in pages["vault-backup.1"]
+    assert "VAULT_PASSWORD" in pages["vault-backup.1"] and "HTTPS_PROXY" in pages["vault-backup.1"]
+    assert "VAULT_PASSWORD" in vault("backup", "--help", password=None).out
     assert vault("--no-cache", "version", password=None).code == 0
 
 
