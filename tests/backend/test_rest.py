@@ -114,7 +114,9 @@ def test_location_parsing():
     assert parse_rest_location("rest:http://[::1]:80/a/b") == ("http://[::1]:80/a/b/", None, None)
     assert redact("rest:http://u:secret@h:1/b/") == "rest:http://u:***@h:1/b/"
     assert "secret" not in str(open_backend("rest:http://u:secret@127.0.0.1:1/b/"))
-    for bad in ("rest:ftp://h/", "rest:http:///x", "rest:http://h/?a=1"):
+    bad_urls = ("rest:ftp://h/", "rest:http:///x", "rest:http://h/?a=1", "rest:http://h:abc/x/",
+                "rest:http://h:99999/", "rest:http://[::1/x/")  # fmt: skip
+    for bad in bad_urls:
         with pytest.raises(UsageError):
             parse_rest_location(bad)
 

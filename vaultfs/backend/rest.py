@@ -87,11 +87,16 @@ def parse_rest_location(location: str) -> tuple[str, str | None, str | None]:
     Raises UsageError for anything that is not an http(s) URL.
     """
     url = location[len("rest:") :] if location.startswith("rest:") else location
-    parts = urlsplit(url)
+    usage = (
+        f"bad REST location {redact(location)!r}: use rest:http(s)://[user:pass@]host:port/path/"
+    )
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise UsageError(usage) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(
-            f"bad REST location {redact(location)!r}: use rest:http(s)://[user:pass@]host:port/path/"
-        )
+        raise UsageError(usage)
     if parts.query or parts.fragment:
         raise UsageError(f"bad REST location {redact(location)!r}: no query or fragment allowed")
     user = unquote(parts.username) if parts.username is not None else None
@@ -99,7 +104,7 @@ def parse_rest_location(location: str) -> tuple[str, str | None, str | None]:
     host = parts.hostname
     if ":" in host:
         host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    netloc = host if port is None else f"{host}:{port}"
     path = parts.path or "/"
     if not path.endswith("/"):
         path += "/"
@@ -110,7 +115,10 @@ def redact(location: str) -> str:
     """The location with its password replaced by ``***`` (for messages and ``str(backend)``)."""
     prefix = "rest:" if location.startswith("rest:") else ""
     url = location[len(prefix) :]
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return prefix + "(unreadable URL)"
     if parts.password is None:
         return location
     netloc = parts.netloc.rsplit("@", 1)[1]
