@@ -119,6 +119,10 @@ def test_location_parsing():
     for bad in bad_urls:
         with pytest.raises(UsageError):
             parse_rest_location(bad)
+    with pytest.raises(UsageError, match="bad host name"):
+        RestBackend("rest:http://a..b:1/x/")
+    # A name in another script goes into the Host header in its ASCII (IDNA) form.
+    assert RestBackend("rest:http://例え.jp:1/x/")._pool._host_header == "xn--r8jz45g.jp:1"
 
 
 def test_credentials_and_ca_from_environment(monkeypatch, tmp_path):

@@ -129,7 +129,13 @@ class ConnectionPool:
         self._proxy = Proxy.from_environment(scheme, host)
         # Plain HTTP through a proxy: absolute-form targets, and the proxy's credentials on every request.
         self._forward = self._proxy is not None and scheme == "http"
-        netloc = f"[{host}]" if ":" in host else host
+        try:
+            ascii_host = host.encode("idna").decode(
+                "ascii"
+            )  # bücher.example -> xn--bcher-kva.example
+        except UnicodeError:
+            raise UsageError(f"bad host name {host!r}") from None
+        netloc = f"[{host}]" if ":" in host else ascii_host
         default_port = 443 if scheme == "https" else 80
         self._host_header = netloc if port == default_port else f"{netloc}:{port}"
         self._origin = f"{scheme}://{self._host_header}"
