@@ -12,8 +12,8 @@ ms, a 64 KiB upload 760-960 -> 250-320 µs.
 What it does, and no more:
 
 * ``http`` and ``https`` (the caller's ``ssl.SSLContext``: by default the system's CA certificates, or
-  SSL_CERT_FILE / SSL_CERT_DIR); a connect timeout for the TCP connection and
-  the TLS handshake, then a read timeout for every socket operation.
+  SSL_CERT_FILE / SSL_CERT_DIR); a connect timeout for the TCP connection and the TLS handshake, then a
+  read timeout for every socket operation.
 * Proxies from the environment as curl and httpx read them: HTTP_PROXY / HTTPS_PROXY / ALL_PROXY (either
   case), NO_PROXY. The proxy itself is spoken to in plain HTTP: ``http://`` targets go to it as
   absolute-form requests, ``https://`` targets through a CONNECT tunnel; ``user:password`` in the proxy URL
@@ -21,13 +21,14 @@ What it does, and no more:
 * At most ``size`` connections at once (callers beyond that wait for one). A connection goes back to the
   pool only when its answer was read to the end and neither side asked to close it, and it is used again
   only while the server has not closed it (a readable idle socket means EOF or junk: dropped). A GET, HEAD
-  or DELETE that fails on a reused connection before any answer arrives is sent once more on a new one: the
-  server may have closed it just as we picked it up.
+  or DELETE whose reused connection turns out closed (reset, broken pipe, EOF before an answer) is sent
+  once more on a new one: the server may have closed it just as we picked it up.
 * A server that answers before it has the whole request body (401, 400, 507) and stops reading: the
   answer is still read and returned, and the connection is not reused.
 
 Errors are what the standard library raises: ``OSError`` (with ``ssl.SSLError`` and ``TimeoutError``)
-and ``http.client.HTTPException``; the backend classifies them.
+and ``http.client.HTTPException``; the backend classifies them. An error of the caller's own body iterable
+comes out wrapped in ``SourceError``, so that it is never taken for the connection's.
 """
 
 from __future__ import annotations
