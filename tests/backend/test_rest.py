@@ -508,6 +508,11 @@ def test_retry_after_values():
     assert 8.0 <= _retry_after(future) <= 10.0
 
 
+def _set_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_https_through_a_connect_proxy_that_wants_credentials(tmp_path, monkeypatch):
     """HTTPS_PROXY: requests to an https server go through one kept-alive CONNECT tunnel, with the
     proxy's credentials from the proxy URL, and the server's certificate is still checked (the tunnel's
@@ -521,8 +526,7 @@ def test_https_through_a_connect_proxy_that_wants_credentials(tmp_path, monkeypa
     try:
         creds = server.bucket()
         assert creds.url.startswith("https://")
-        for key_, value in proxy.env("https", "proxy:s3cret").items():
-            monkeypatch.setenv(key_, value)
+        _set_env(monkeypatch, proxy.env("https", "proxy:s3cret"))
         backend = RestBackend(creds.location, cacert=str(cert))
         backend.create()
         data = os.urandom(300_000)
@@ -539,8 +543,7 @@ def test_https_through_a_connect_proxy_that_wants_credentials(tmp_path, monkeypa
         assert not info.value.temporary
         backend.close()
 
-        for key_, value in proxy.env("https", "proxy:wrong").items():
-            monkeypatch.setenv(key_, value)
+        _set_env(monkeypatch, proxy.env("https", "proxy:wrong"))
         backend = RestBackend(creds.location, cacert=str(cert))
         with pytest.raises(BackendError, match="407") as info:
             backend.stat("config", "")
@@ -561,8 +564,7 @@ def test_http_proxy_credentials(tmp_path, monkeypatch):
     proxy = ForwardProxy(credentials="proxy:s3cret")
     try:
         creds = server.bucket()
-        for key_, value in proxy.env("http", "proxy:s3cret").items():
-            monkeypatch.setenv(key_, value)
+        _set_env(monkeypatch, proxy.env("http", "proxy:s3cret"))
         backend = RestBackend(creds.location)
         backend.create()
         data = b"through an authenticating proxy"
@@ -572,8 +574,7 @@ def test_http_proxy_credentials(tmp_path, monkeypatch):
         backend.close()
         assert ("POST", f"/{creds.name}/data/{name}") in proxy.seen
 
-        for key_, value in proxy.env("http").items():
-            monkeypatch.setenv(key_, value)
+        _set_env(monkeypatch, proxy.env("http"))
         backend = RestBackend(creds.location)
         with pytest.raises(BackendError, match="HTTP 407") as info:
             backend.stat("data", name)
