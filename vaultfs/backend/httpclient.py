@@ -126,7 +126,9 @@ class ConnectionPool:
     ) -> None:
         self.scheme, self.host, self.port = scheme, host, port
         self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._context = context if context is not None else ssl.create_default_context()
+        if context is None and scheme == "https":
+            context = ssl.create_default_context()
+        self._context = context
         self._proxy = Proxy.from_environment(scheme, host)
         # Plain HTTP through a proxy: absolute-form targets, and the proxy's credentials on every request.
         self._forward = self._proxy is not None and scheme == "http"
