@@ -1,8 +1,8 @@
-"""HTTP/1.1 on one trio stream with h11: keep-alive, streamed bodies, 100-continue, timeouts, lingering close.
+"""HTTP/1.1 on one trio stream: keep-alive, streamed bodies, 100-continue, timeouts, lingering close.
 
 The application sees a ``Request`` (head plus ``await request.receive()`` for body pieces) and returns a
-``Response`` (bytes, or a producer that sends pieces of a known total length). This module owns everything h11
-leaves to its user:
+``Response`` (bytes, or a producer that sends pieces of a known total length). Heads and chunked bodies
+are parsed by ``http1`` (no I/O there); this module does the I/O around it:
 
 * ``Expect: 100-continue``: the interim 100 is sent when the application first asks for the body, so an
   upload refused from its head (401, 403, 507) never makes the client send it.
@@ -13,15 +13,17 @@ leaves to its user:
 * A response sent before the request body was read either drains a small body (keep-alive survives) or
   says ``Connection: close`` and then closes *lingering* (half-close, discard what still arrives for a
   moment) so the client reads our answer instead of a connection reset.
-* Malformed requests get h11's suggested status (400, 431 for an over-long head) and the connection ends.
-* A body framed by Content-Length (every upload restic, rclone and vaultfs send) is read past h11,
-  straight from the socket into the application's buffer (``Request.receive_into``): h11 would copy each
-  piece three times (its buffer, the extracted slice, our bytes). h11 still parses every head and every
-  chunked body; after such a request the connection continues with a fresh h11 state fed with whatever
-  followed the body. On plain TCP such a body can also be *pumped* (``Request.pump``): a worker thread
-  receives it into the application's own buffer (``BodySink.space``) and tells the sink at once, while
-  the bytes are still in the CPU cache, with no trip through the event loop per piece; only when the
-  socket stays empty does the wait go back to the event loop (and its timeout).
+* Malformed requests get the status ``http1`` names (400, 431 for an over-long head, 501, 505) and the
+  connection ends.
+* One buffer holds what was received and not used yet. A body framed by Content-Length (every upload
+  restic, rclone and vaultfs send) is taken from that buffer and then straight from the socket into the
+  application's buffer (``Request.receive_into``). On plain TCP such a body can also be *pumped*
+  (``Request.pump``): a worker thread receives it into the application's own buffer
+  (``BodySink.space``) and tells the sink at once, while the bytes are still in the CPU cache, with no
+  trip through the event loop per piece; only when the socket stays empty does the wait go back to the
+  event loop (and its timeout). Whatever follows a body in the buffer is the next request.
+* A response head, a small body and nothing else leave in one write; a large body is sent as it is
+  (on plain TCP a file range with sendfile(2)).
 
 Shutdown: ``Lifecycle.draining`` makes every connection close after its current response, and idle
 connections are cancelled at once.
@@ -29,25 +31,35 @@ connections are cancelled at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any, Protocol
 
-import h11
 import trio
+
+from vaultfs.server.http1 import (
+    CONTINUE,
+    MAX_HEAD,
+    ChunkedDecoder,
+    ProtocolError,
+    RequestHead,
+    drop_empty_lines,
+    head_end,
+    parse_head,
+    response_head,
+)
 
 log = logging.getLogger("vaultfs.server")
 
-MAX_HEAD = 16 * 1024
 RECEIVE_SIZE = 1 << 20
 #: Reads while waiting for a request head: enough for a head (MAX_HEAD) and a few pipelined small
-#: requests, small enough that little of an upload body that follows its head lands in h11's buffer
-#: (from where it is copied twice more) rather than in the application's own buffer.
+#: requests, small enough that little of an upload body that follows its head lands in the
+#: connection's buffer (from where it is copied once more) rather than in the application's own.
 HEAD_RECEIVE = 64 * 1024
 DRAIN_LIMIT = 1 << 20
 SMALL_WRITE = 64 * 1024
@@ -56,8 +68,6 @@ SMALL_WRITE = 64 * 1024
 PUMP_WAIT_MS = 20
 PUMP_LIMIT = 64 << 20
 SERVER = "vaultfs"
-#: Stands in for bytes sent with sendfile when h11 counts them (never read; calloc'd, so never touched).
-_NOTHING = memoryview(bytes(1 << 20))
 
 
 class ClientGone(Exception):
@@ -125,27 +135,23 @@ class Lifecycle:
 class Request:
     """One request. ``headers`` has lower-case names; repeated headers are joined with ", "."""
 
-    def __init__(self, conn: HttpConnection, event: h11.Request) -> None:
+    def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self._conn = conn
-        self.method = event.method.decode("ascii", "replace")
-        self.target = event.target.decode("ascii", "replace")
+        self.method = head.method
+        self.target = head.target
         self.path, _, self.query = self.target.partition("?")
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("ascii", "replace").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        self.headers = headers
+        self.headers = head.headers
+        self.content_length = head.content_length
+        self.chunked = head.chunked
+        self.keep_alive = head.keep_alive
         self.peer = conn.peer
         self.address = conn.peer  # the application may replace it (proxy headers)
         self.bucket = "-"  # the authenticated bucket, for logs and metrics
         self.received = 0
-        self.complete = False
+        self.complete = not head.has_body
+        #: The client waits for "100 Continue" before it sends the body, and has not had it yet.
+        self.waiting_for_continue = head.expect_continue and head.has_body
         self._pending = memoryview(b"")
-        try:
-            self.content_length: int | None = int(headers["content-length"])
-        except (KeyError, ValueError):
-            self.content_length = None
 
     async def receive(self) -> bytes | None:
         """The next piece of the body, None at its end. Raises ClientGone."""
@@ -155,23 +161,32 @@ class Request:
             return piece
         if self.complete:
             return None
-        piece = await self._conn.next_body_piece()
-        if piece is None:
-            self.complete = True
+        if self.chunked:
+            piece = await self._conn.next_chunked_piece(self)
         else:
-            self.received += len(piece)
+            size = min(RECEIVE_SIZE, self.content_length - self.received)  # type: ignore[operator]
+            buffer = bytearray(size)
+            n = await self._conn.read_body_into(self, memoryview(buffer))
+            piece = bytes(buffer[:n])
+        if not piece:
+            self.complete = True
+            return None
+        self.received += len(piece)
+        if not self.chunked and self.received == self.content_length:
+            self.complete = True
         return piece
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Put the next body bytes into ``buffer``; how many (at most its size), 0 at the end.
 
-        A Content-Length body arrives straight from the socket; a chunked one is copied from h11's
-        pieces. Raises ClientGone.
+        A Content-Length body arrives straight from the socket; a chunked one is copied from the
+        decoded pieces. Raises ClientGone.
         """
-        if not self._pending and not self.complete and self._conn.raw_body:
-            n = await self._conn.read_body_into(buffer)
+        if not self._pending and not self.complete and not self.chunked:
+            want = min(len(buffer), self.content_length - self.received)  # type: ignore[operator]
+            n = await self._conn.read_body_into(self, buffer[:want])
             self.received += n
-            if n == 0:
+            if self.received == self.content_length:
                 self.complete = True
             return n
         if not self._pending:
@@ -190,7 +205,7 @@ class Request:
         return (
             not self._pending
             and not self.complete
-            and self._conn.raw_body
+            and not self.chunked
             and self._conn.socket_fd is not None
         )
 
@@ -227,16 +242,10 @@ class HttpConnection:
         self.lifecycle = lifecycle
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self._out: list[bytes] = []
-        # The current request's Content-Length body, read past h11 (see the module docstring):
-        # ``raw_body`` says it applies, ``_raw_left`` is what the client still owes, ``_spill`` the
-        # bytes h11 had buffered beyond the head (body first, then perhaps a pipelined request).
-        self.raw_body = False
-        self._raw_started = False
-        self._raw_left = 0
-        self._spill = memoryview(b"")
-        self._spill_closed = False
+        #: Bytes received and not used yet: the next head, the start of a body, pipelined requests.
+        self._buffer = bytearray()
+        self._eof = False  # the client closed its side
+        self._decoder: ChunkedDecoder | None = None  # the current request's chunked body
         sock = getattr(stream, "socket", None)
         self._recv_into = getattr(sock, "recv_into", None)  # plain TCP; TLS streams copy once
         self.socket_fd: int | None = sock.fileno() if self._recv_into is not None else None
@@ -251,31 +260,7 @@ class HttpConnection:
                 return b""
         raise ClientGone("timed out waiting for the client")
 
-    async def _send(self, event: h11._events.Event, *, flush: bool = True) -> None:
-        """Queue an event's bytes and, with ``flush``, write everything queued.
-
-        A response head, a small body and the end of the message leave in one write: separate small
-        writes cost a system call each and can meet delayed ACKs. Large body pieces are passed
-        through as they are (h11's passthrough), not copied into a joined buffer.
-        """
-        for data in self.h11.send_with_data_passthrough(event) or ():
-            if not data:
-                continue
-            if len(data) >= SMALL_WRITE:
-                await self._flush()
-                await self._write(data)
-            else:
-                self._out.append(bytes(data))
-        if flush:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            await self._write(data)
-
-    async def _write(self, data: bytes | memoryview) -> None:
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
         if self.socket_fd is not None:
             # Plain TCP: hand the bytes to the socket at once; a response that fits (nearly every
             # one) needs no trip through the event loop. Each request cycle still yields to other
@@ -309,40 +294,35 @@ class HttpConnection:
             return len(data)
         raise ClientGone("timed out waiting for the client")
 
-    def _begin_raw(self, request: Request) -> None:
-        """Read this request's body past h11 if it is framed by a plain Content-Length."""
-        self.raw_body = (
-            request.content_length is not None
-            and request.content_length > 0
-            and "transfer-encoding" not in request.headers
-            and self.h11.their_state is h11.SEND_BODY
-        )
-        self._raw_started = False
-        self._raw_left = request.content_length or 0
+    async def _continue(self, request: Request) -> None:
+        """Send the interim 100 if the client waits for it (the application asked for the body)."""
+        if request.waiting_for_continue:
+            request.waiting_for_continue = False
+            await self._write(CONTINUE)
 
-    async def _start_raw(self) -> None:
-        if self.h11.they_are_waiting_for_100_continue:
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        data, self._spill_closed = self.h11.trailing_data
-        self._spill = memoryview(data)
-        self._raw_started = True
+    # -- request bodies --------------------------------------------------------------------------
 
-    async def read_body_into(self, buffer: memoryview) -> int:
-        """Up to ``len(buffer)`` bytes of a Content-Length body into ``buffer``; 0 at its end."""
-        if not self._raw_started:
-            await self._start_raw()
-        want = min(len(buffer), self._raw_left)
-        if want == 0:
+    def _take_buffered(self, buffer: memoryview) -> int:
+        """Move already received bytes into ``buffer``; how many."""
+        n = min(len(buffer), len(self._buffer))
+        if n:
+            buffer[:n] = self._buffer[:n]
+            del self._buffer[:n]
+        return n
+
+    async def read_body_into(self, request: Request, buffer: memoryview) -> int:
+        """Up to ``len(buffer)`` bytes of a Content-Length body into ``buffer`` (the caller never
+        asks beyond the body's end). Raises ClientGone."""
+        await self._continue(request)
+        if not buffer:
             return 0
-        if self._spill:
-            n = min(want, len(self._spill))
-            buffer[:n] = self._spill[:n]
-            self._spill = self._spill[n:]
-        else:
-            n = 0 if self._spill_closed else await self._receive_into(buffer[:want])
-            if n == 0:
-                raise ClientGone("the client closed the connection in the middle of a body")
-        self._raw_left -= n
+        n = self._take_buffered(buffer)
+        if n:
+            return n
+        n = 0 if self._eof else await self._receive_into(buffer)
+        if n == 0:
+            self._eof = True
+            raise ClientGone("the client closed the connection in the middle of a body")
         return n
 
     async def pump_body(
@@ -350,22 +330,22 @@ class HttpConnection:
     ) -> None:
         """The rest of a Content-Length body into ``sink`` (see ``Request.pump``)."""
         fd = self.socket_fd
-        assert fd is not None
-        if not self._raw_started:
-            await self._start_raw()
-        if self._spill and self._raw_left:
-            n = min(self._raw_left, len(self._spill))
-            piece, self._spill = self._spill[:n], self._spill[n:]
-            self._raw_left -= n
+        assert fd is not None and request.content_length is not None
+        await self._continue(request)
+        if self._buffer and request.received < request.content_length:
+            n = min(request.content_length - request.received, len(self._buffer))
+            piece = memoryview(bytes(self._buffer[:n]))
+            del self._buffer[:n]
             request.received += n
             await run_sync(sink.write_one_sync, piece)
-        while self._raw_left:
-            if self._spill_closed:
+        while request.received < request.content_length:
+            if self._eof:
                 raise ClientGone("the client closed the connection in the middle of a body")
             gone = await run_sync(self._pump_sync, request, sink)
             if gone:
+                self._eof = True
                 raise ClientGone("the client closed the connection in the middle of a body")
-            if self._raw_left:
+            if request.received < request.content_length:
                 with trio.move_on_after(self.read_timeout):
                     await trio.lowlevel.wait_readable(fd)
                     continue
@@ -376,14 +356,14 @@ class HttpConnection:
         bytes passed, or the socket stayed empty for PUMP_WAIT_MS. True when the client is gone. The
         counts are kept up to date piece by piece, so they are right even when the sink raises."""
         fd = self.socket_fd
-        assert fd is not None
+        assert fd is not None and request.content_length is not None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         passed = 0
-        while self._raw_left and passed < PUMP_LIMIT:
+        while (left := request.content_length - request.received) and passed < PUMP_LIMIT:
             space = sink.space()
             try:
-                n = os.readv(fd, [space[: self._raw_left]])
+                n = os.readv(fd, [space[:left]])
             except BlockingIOError:
                 if not poller.poll(PUMP_WAIT_MS):
                     return False  # let the event loop wait, under its timeout
@@ -392,74 +372,63 @@ class HttpConnection:
                 return True
             if n == 0:
                 return True
-            self._raw_left -= n
             request.received += n
             passed += n
             sink.filled_sync(n)
         return False
 
-    def _next_cycle_after_raw(self) -> bool:
-        """After a request whose body was read past h11: a fresh h11 state for the next request, fed
-        with what followed the body. False when the connection cannot go on."""
-        if self._raw_left or self.h11.our_state is not h11.DONE:
-            return False
-        spill = bytes(self._spill) if self._raw_started else self.h11.trailing_data[0]
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        if spill:
-            self.h11.receive_data(spill)
-        if self._spill_closed:
-            self.h11.receive_data(b"")
-        self.raw_body = False
-        self._spill = memoryview(b"")
-        return True
-
-    async def next_body_piece(self) -> bytes | None:
-        if self.raw_body:
-            size = min(RECEIVE_SIZE, self._raw_left)
-            if size == 0:
-                return None
-            buffer = bytearray(size)
-            n = await self.read_body_into(memoryview(buffer))
-            return bytes(buffer[:n])
-        if self.h11.they_are_waiting_for_100_continue:
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+    async def next_chunked_piece(self, request: Request) -> bytes:
+        """The next decoded piece of a chunked body, b"" at its end. Raises ClientGone."""
+        await self._continue(request)
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = ChunkedDecoder()
+            decoder.receive_data(self._buffer)
+            self._buffer.clear()
         while True:
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                piece = decoder.next_piece()
+            except ProtocolError as exc:
                 raise ClientGone(f"bad request body: {exc}") from None
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self._receive(self.read_timeout))
-                continue
-            if isinstance(event, h11.Data):
-                return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage):
-                return None
-            raise ClientGone(f"unexpected {type(event).__name__} in a request body")
+            if piece is not None:
+                if not piece:
+                    self._buffer[:0] = decoder.unused
+                    self._decoder = None
+                return piece
+            data = b"" if self._eof else await self._receive(self.read_timeout)
+            if not data:
+                self._eof = True
+                raise ClientGone("the client closed the connection in the middle of a body")
+            decoder.receive_data(data)
 
-    async def _next_request(self) -> h11.Request | None:
-        """The next request head; None when the client closed or we are shutting down."""
-        first = True
+    # -- request heads ---------------------------------------------------------------------------
+
+    async def _next_request(self) -> RequestHead | None:
+        """The next request head; None when the client closed, sent a malformed head (answered
+        here) or we are shutting down."""
+        searched = 0
+        skipped = 0
         while True:
+            skipped += drop_empty_lines(self._buffer)
+            end = head_end(self._buffer, searched)
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                if end > 0:
+                    head = parse_head(memoryview(self._buffer)[:end])
+                    del self._buffer[:end]
+                    return head
+                if len(self._buffer) > MAX_HEAD:
+                    raise ProtocolError("request head too long", 431)
+                if skipped > MAX_HEAD:
+                    raise ProtocolError("too many empty lines before a request")
+            except ProtocolError as exc:
                 await self._refuse(exc)
                 return None
-            if isinstance(event, h11.Request):
-                # h11 bounds only heads that arrive in pieces; a whole over-long head is refused here.
-                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-                if size > MAX_HEAD:
-                    await self._refuse(h11.RemoteProtocolError("head too long", 431))
+            searched = len(self._buffer)
+            if self._eof:
+                return None
+            if not self._buffer:
+                if self.lifecycle.draining:
                     return None
-                return event
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            if event is not h11.NEED_DATA:
-                return None
-            if first and self.lifecycle.draining:
-                return None
-            if first:
                 # Idle between requests: shutdown may cancel this wait.
                 with trio.CancelScope() as scope:
                     self.lifecycle.idle.add(scope)
@@ -476,55 +445,37 @@ class HttpConnection:
                     data = await self._receive(self.read_timeout, HEAD_RECEIVE)
                 except ClientGone:
                     return None
-            first = False
-            self.h11.receive_data(data)
+            if not data:
+                self._eof = True
+            self._buffer += data
 
-    async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
-        """Answer a malformed request with h11's suggested status, if we still may answer."""
-        status = exc.error_status_hint or 400
-        self.recorder(_Placeholder(self.peer), status, 0, 0.0)
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        body = f"{status} bad request\n".encode()
-        try:
-            await self._send(
-                h11.Response(
-                    status_code=status,
-                    reason=_reason(status),
-                    headers=[
-                        ("content-type", "text/plain; charset=utf-8"),
-                        ("content-length", str(len(body))),
-                        ("connection", "close"),
-                        ("server", SERVER),
-                    ],
-                )
-            )
-            await self._send(h11.Data(data=body))
-            await self._send(h11.EndOfMessage())
-        except (ClientGone, h11.LocalProtocolError):
-            pass
+    async def _refuse(self, exc: ProtocolError) -> None:
+        """Answer a malformed request with the status it calls for; the connection then ends."""
+        self.recorder(_Placeholder(self.peer), exc.status, 0, 0.0)
+        body = f"{exc.status} bad request\n".encode()
+        headers = [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+            ("server", SERVER),
+        ]
+        with contextlib.suppress(ClientGone):
+            await self._write(response_head(exc.status, headers) + body)
 
     # -- the request loop ------------------------------------------------------------------------
 
     async def serve(self) -> None:
         try:
             while True:
-                event = await self._next_request()
-                if event is None:
+                head = await self._next_request()
+                if head is None:
                     return
-                request = Request(self, event)
-                self._begin_raw(request)
+                request = Request(self, head)
                 if not await self._exchange(request):
                     return
-                if self.raw_body:
-                    if self._next_cycle_after_raw():
-                        continue
+                if not request.complete or not request.keep_alive or self.lifecycle.draining:
                     await linger(self.stream, min(2.0, self.read_timeout))
                     return
-                if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
-                    await linger(self.stream, min(2.0, self.read_timeout))
-                    return
-                self.h11.start_next_cycle()
         except ClientGone as exc:
             log.debug("connection from %s ended: %s", self.peer, exc)
         finally:
@@ -545,7 +496,7 @@ class HttpConnection:
                 status = 400
                 raise
             status = response.status
-            await self._settle_body(request, response)
+            await self._settle_body(request)
             sent = await self._respond(request, response)
             return True
         finally:
@@ -553,58 +504,56 @@ class HttpConnection:
                 response.on_done()
             self.recorder(request, status, sent, time.monotonic() - started)
 
-    async def _settle_body(self, request: Request, response: Response) -> None:
-        """Before answering: read the rest of a small unread body, else plan to close."""
-        if self.h11.their_state is not h11.SEND_BODY:
+    async def _settle_body(self, request: Request) -> None:
+        """Before answering: read the rest of a small unread body (keep-alive survives), else the
+        connection closes after the response (``request.keep_alive``)."""
+        if request.complete:
             return
-        waiting = self.h11.they_are_waiting_for_100_continue
-        if request.content_length is not None:
-            left: int | None = request.content_length - request.received
-        elif "transfer-encoding" in request.headers:
-            left = None  # chunked: unknown
-        else:
-            left = 0  # no body framing at all means an empty body
-        if not waiting and left is not None and left <= DRAIN_LIMIT:
+        left = None if request.content_length is None else request.content_length - request.received
+        if left is not None and left <= DRAIN_LIMIT and not request.waiting_for_continue:
             while await request.receive() is not None:
                 pass
             return
-        response.headers.append(("connection", "close"))
+        request.keep_alive = False
 
     async def _respond(self, request: Request, response: Response) -> int:
         headers = [("server", SERVER), *response.headers]
         body = response.body
-        if isinstance(body, (bytes, bytearray)):
-            length = len(body) if response.length is None else response.length
-        else:
-            length = response.length
-        if length is not None:
+        length = response.length
+        if length is None and isinstance(body, (bytes, bytearray)):
+            length = len(body)
+        no_body = response.status in (204, 304)
+        if length is not None and not no_body:
             headers.append(("content-length", str(length)))
-        if self.lifecycle.draining:
+        if not request.keep_alive or self.lifecycle.draining:
+            request.keep_alive = False
             headers.append(("connection", "close"))
-        await self._send(
-            h11.Response(
-                status_code=response.status, headers=headers, reason=_reason(response.status)
-            ),
-            flush=False,
-        )
-        sent = 0
-        head_only = request.method == "HEAD" or response.status in (204, 304)
+        head = response_head(response.status, headers)
+        if request.method == "HEAD" or no_body:
+            await self._write(head)
+            return 0
         if isinstance(body, (bytes, bytearray)):
-            if body and not head_only:
-                await self._send(h11.Data(data=body), flush=False)
-                sent = len(body)
-        elif not head_only and response.file is not None and self.socket_fd is not None and length:
-            await self._flush()
-            sent = await self._send_file(response.file, length)
-        elif not head_only:
+            if len(body) < SMALL_WRITE:
+                await self._write(head + body)  # one send: separate ones can meet delayed ACKs
+            else:
+                await self._write(head)
+                await self._write(body)
+            return len(body)
+        await self._write(head)
+        if response.file is not None and self.socket_fd is not None and length:
+            return await self._send_file(response.file, length)
+        sent = 0
 
-            async def send(piece: bytes | memoryview) -> None:
-                nonlocal sent
-                await self._send(h11.Data(data=piece))
-                sent += len(piece)
+        async def send(piece: bytes | memoryview) -> None:
+            nonlocal sent
+            if sent + len(piece) > (length or 0):
+                raise ClientGone("response body longer than its Content-Length")  # a bug: end it
+            await self._write(piece)
+            sent += len(piece)
 
-            await body(send)
-        await self._send(h11.EndOfMessage())
+        await body(send)
+        if sent != length:
+            raise ClientGone("response body shorter than its Content-Length")
         return sent
 
     async def _send_file(self, source: FileRange, length: int) -> int:
@@ -622,11 +571,6 @@ class HttpConnection:
                     await trio.lowlevel.wait_writable(sock)
                     continue
                 raise ClientGone("timed out sending to the client")
-        # h11 counts a body's bytes against its Content-Length: account them without copying any.
-        for at in range(0, length, len(_NOTHING)):
-            self.h11.send_with_data_passthrough(
-                h11.Data(data=_NOTHING[: min(length - at, len(_NOTHING))])
-            )
         return length
 
     def _sendfile_sync(self, fd: int, offset: int, end: int) -> tuple[int, str]:
@@ -669,13 +613,6 @@ async def linger(stream: trio.abc.Stream, seconds: float) -> None:
                 discarded += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 class _Placeholder:

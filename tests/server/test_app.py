@@ -326,7 +326,7 @@ def test_odd_methods_cannot_grow_metrics_or_break_the_access_log(tmp_path, caplo
                 f"Authorization: {basic(*creds.auth)}\r\n\r\n",
             )
             assert answer.startswith(b"HTTP/1.1 405 ")
-        # h11 refuses a method that is not a token, so no quote or space reaches the log.
+        # A method that is not a token is refused, so no quote or space reaches the log.
         assert raw(srv.url, f'G"T /x HTTP/1.1\r\n{close}\r\n').startswith(b"HTTP/1.1 400 ")
         answer = raw(
             srv.url,

@@ -287,6 +287,47 @@ def test_chunked_upload(server):
     assert httpx.get(f"{creds.url}index/{name}", auth=creds.auth).content == data
 
 
+def test_chunked_upload_then_pipelined_requests_on_one_connection(server):
+    """A chunked body (with an extension and a trailer) and the two requests sent right behind it,
+    split at every 1,000 bytes: the body is stored whole and the requests behind it are answered;
+    empty lines before a request line are skipped."""
+    creds = server.bucket()
+    data = os.urandom(5000)
+    name = hashlib.sha256(data).hexdigest()
+    chunks = b"".join(
+        b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
+        for piece in (data[:1234], data[1234:4000], data[4000:])
+    )
+    stream = (
+        request_head("POST", f"/{creds.name}/data/{name}", creds, Transfer_Encoding="chunked")
+        + chunks
+        + b"0\r\nX-Trailer: t\r\n\r\n"
+        + request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=10-19")
+        + b"\r\n\r\n"
+        + request_head("HEAD", f"/{creds.name}/data/{name}", creds)
+    )
+    with connect(server) as sock:
+        for i in range(0, len(stream), 1000):
+            sock.sendall(stream[i : i + 1000])
+        assert read_responses(sock, 2) == [(200, b"ok\n"), (206, data[10:20])]
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers["content-length"] == str(len(data))
+    assert httpx.get(f"{creds.url}data/{name}", auth=creds.auth).content == data
+
+
+def test_http_1_0_request_is_answered_then_closed(server):
+    creds = server.bucket()
+    with connect(server) as sock:
+        sock.sendall(
+            f"GET /{creds.name}/keys/ HTTP/1.0\r\n"
+            f"Authorization: {auth_header(creds)}\r\n\r\n".encode()
+        )
+        status, headers, body = read_response(sock)
+        assert (status, body) == (200, b"[]")
+        assert headers.get("connection") == "close"
+        assert closed(sock)
+
+
 def test_graceful_shutdown_finishes_or_discards_uploads(tmp_path):
     srv = ServerThread(server_config(str(tmp_path / "d"), shutdown_grace=2.0, read_timeout=30.0))
     creds = srv.bucket()
