@@ -25,6 +25,7 @@ from vaultfs.server.config import ServerConfig
 from vaultfs.server.protocol import HttpConnection, Lifecycle, linger
 from vaultfs.server.state import BucketRegistry
 from vaultfs.server.storage import Storage
+from vaultfs.server.tls import TlsStream
 
 log = logging.getLogger("vaultfs.server")
 #: Seconds between sweeps for abandoned uploads after the first.
@@ -36,6 +37,7 @@ _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # TlsStream relies on it: a write never waits for a read
     ctx.set_alpn_protocols(["http/1.1"])
     try:
         ctx.load_cert_chain(cert, key)
@@ -117,7 +119,7 @@ class Server:
                 return
             wrapped: trio.abc.Stream = stream
             if self.tls is not None:
-                wrapped = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
+                wrapped = TlsStream(stream, self.tls)
                 with trio.move_on_after(self.config.read_timeout) as scope:
                     try:
                         if await _plain_http_on_tls(stream):

@@ -38,6 +38,7 @@ import select
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -53,6 +54,7 @@ from vaultfs.server.http1 import (
     parse_head,
     response_head,
 )
+from vaultfs.server.tls import TlsStream, read_socket_sync
 
 log = logging.getLogger("vaultfs.server")
 
@@ -202,12 +204,7 @@ class Request:
     @property
     def pumpable(self) -> bool:
         """True when ``pump`` can read this body in worker threads (Content-Length, plain TCP)."""
-        return (
-            not self._pending
-            and not self.complete
-            and not self.chunked
-            and self._conn.socket_fd is not None
-        )
+        return not self._pending and not self.complete and not self.chunked and self._conn.can_pump
 
     async def pump(self, sink: BodySink, run_sync: Callable[..., Awaitable[Any]]) -> None:
         """Feed the whole body to ``sink`` (only if ``pumpable``). Worker threads started through
@@ -249,6 +246,9 @@ class HttpConnection:
         sock = getattr(stream, "socket", None)
         self._recv_into = getattr(sock, "recv_into", None)  # plain TCP; TLS streams copy once
         self.socket_fd: int | None = sock.fileno() if self._recv_into is not None else None
+        self._tls = stream if isinstance(stream, TlsStream) else None
+        #: Whether a Content-Length body can be pumped by worker threads (``Request.pump``).
+        self.can_pump = self.socket_fd is not None or self._tls is not None
 
     # -- I/O -------------------------------------------------------------------------------------
 
@@ -329,8 +329,8 @@ class HttpConnection:
         self, request: Request, sink: BodySink, run_sync: Callable[..., Awaitable[Any]]
     ) -> None:
         """The rest of a Content-Length body into ``sink`` (see ``Request.pump``)."""
-        fd = self.socket_fd
-        assert fd is not None and request.content_length is not None
+        assert self.can_pump and request.content_length is not None
+        fd = self.socket_fd if self._tls is None else self._tls.fd
         await self._continue(request)
         if self._buffer and request.received < request.content_length:
             n = min(request.content_length - request.received, len(self._buffer))
@@ -352,24 +352,24 @@ class HttpConnection:
                 raise ClientGone("timed out waiting for the client")
 
     def _pump_sync(self, request: Request, sink: BodySink) -> bool:
-        """In a worker thread: receive body pieces into the sink until the body ends, PUMP_LIMIT
-        bytes passed, or the socket stayed empty for PUMP_WAIT_MS. True when the client is gone. The
-        counts are kept up to date piece by piece, so they are right even when the sink raises."""
-        fd = self.socket_fd
-        assert fd is not None and request.content_length is not None
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        """In a worker thread: receive body pieces into the sink (over TLS decrypted straight into
+        it) until the body ends, PUMP_LIMIT bytes passed, or the socket stayed empty for
+        PUMP_WAIT_MS. True when the client is gone. The counts are kept up to date piece by piece,
+        so they are right even when the sink raises."""
+        assert request.content_length is not None
+        if self._tls is not None:
+            receive = self._tls.read_into_sync
+        else:
+            assert self.socket_fd is not None
+            receive = partial(read_socket_sync, self.socket_fd)
         passed = 0
         while (left := request.content_length - request.received) and passed < PUMP_LIMIT:
-            space = sink.space()
             try:
-                n = os.readv(fd, [space[:left]])
-            except BlockingIOError:
-                if not poller.poll(PUMP_WAIT_MS):
-                    return False  # let the event loop wait, under its timeout
-                continue
-            except OSError:
+                n = receive(sink.space()[:left], PUMP_WAIT_MS)
+            except trio.BrokenResourceError:
                 return True
+            if n < 0:
+                return False  # let the event loop wait, under its timeout
             if n == 0:
                 return True
             request.received += n

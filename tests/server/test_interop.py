@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.helpers.ci import unavailable
 from tests.helpers.restic import Restic
 from tests.helpers.trees import assert_same_tree
-from tests.server.harness import module_server
+from tests.server.harness import ServerThread, make_cert, module_server, server_config
 from tests.tools.cli import vault
 
 server = module_server("interop")
@@ -67,3 +67,24 @@ def test_vault_commands_through_the_server(server, tmp_path):
     restic.check("--read-data")
     by_restic = restic.restore("latest", tmp_path / "by-restic")
     assert_same_tree(src, by_restic / src.relative_to("/"), owners=True)
+
+
+def test_restic_over_tls(tricky_tree, tmp_path):
+    """restic through an https bucket (--cacert for the server's own CA): uploads are received by
+    TlsStream's worker-thread path, downloads encrypted by it; backup, full check and restore."""
+    cert, key = make_cert(tmp_path)
+    srv = ServerThread(server_config(str(tmp_path / "data"), tls_cert=str(cert), tls_key=str(key)))
+    try:
+        creds = srv.bucket()
+        assert creds.location.startswith("rest:https://")
+        restic = Restic(creds.location, "restic pw")
+        restic.run("--cacert", cert, "init", "--repository-version", "2")
+        restic.run("--cacert", cert, "backup", ".", cwd=tricky_tree)
+        restic.run("--cacert", cert, "check", "--read-data")
+        target = tmp_path / "restored"
+        restic.run("--cacert", cert, "restore", "latest", "--target", target)
+        assert_same_tree(tricky_tree, target, owners=True)
+        failed = restic.run("snapshots", check=False)  # the CA is not trusted without --cacert
+        assert failed.returncode != 0 and "certificate" in failed.stderr
+    finally:
+        srv.stop()

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import os
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.harness import ServerThread, server_config
+from tests.server.harness import ServerThread, make_cert, server_config
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +149,8 @@ def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize("split", ["one send", "body in pieces"])
 def test_requests_pipelined_behind_an_upload_body(server, split):
-    """An upload's body is read past h11 (straight into the server's buffer); whatever follows it on
-    the connection is still parsed as the next requests."""
+    """An upload's body is read past the head parser (straight into the server's buffer); whatever
+    follows it on the connection is still parsed as the next requests."""
     creds = server.bucket()
     # Small enough for the server's first read to take the head, the body and what follows at once.
     data = os.urandom(2000 if split == "one send" else 300_000)
@@ -246,31 +247,41 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
-@pytest.mark.parametrize("how", ["stops", "vanishes"])
-def test_client_that_stops_mid_body_leaves_nothing_behind(server, how):
+@pytest.mark.parametrize(
+    ("transport", "how"),
+    [("tcp", "stops"), ("tcp", "vanishes"), ("tls", "stops"), ("tls", "closes")],
+)
+def test_client_that_stops_mid_body_leaves_nothing_behind(request, transport, how):
+    """A client that stops sending (the server gives up after read_timeout, 1 s), or vanishes, or
+    over TLS closes properly (close_notify), in the middle of an upload: the request is recorded as
+    400 only after its handler cleaned up, nothing is left behind and the object does not exist."""
+    server = request.getfixturevalue("server" if transport == "tcp" else "tls_server")
+    open_connection = connect if transport == "tcp" else connect_tls
     creds = server.bucket()
     data = os.urandom(3 << 20)
     name = hashlib.sha256(data).hexdigest()
     folder = Path(server.config.volume_paths[0]) / creds.name
     before = files_under(folder)
-    with connect(server) as sock:
+    with open_connection(server) as sock:
         sock.sendall(
             request_head("POST", f"/{creds.name}/data/{name}", creds, Content_Length=str(len(data)))
         )
         sock.sendall(data[: 2 << 20])
         if how == "stops":
-            # read_timeout is 1 s: the server gives up and closes the connection.
             assert closed(sock)
-        else:
+        elif how == "vanishes":
             sock.shutdown(socket.SHUT_RDWR)
-    # The request is recorded (as 400) only after its handler cleaned up: wait for that record.
+        else:
+            sock.unwrap().close()
     metrics = server.server.app.metrics
     deadline = time.monotonic() + 30
     while not metrics.requests.get((creds.name, "POST", "400")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metrics.requests.get((creds.name, "POST", "400")) == 1
     assert files_under(folder) == before
-    assert httpx.head(f"{creds.url}data/{name}", auth=creds.auth).status_code == 404
+    with open_connection(server) as sock:
+        sock.sendall(request_head("GET", f"/{creds.name}/data/{name}", creds))
+        assert read_response(sock)[0] == 404
 
 
 def test_chunked_upload(server):
@@ -304,14 +315,13 @@ def test_chunked_upload_then_pipelined_requests_on_one_connection(server):
         + b"0\r\nX-Trailer: t\r\n\r\n"
         + request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=10-19")
         + b"\r\n\r\n"
-        + request_head("HEAD", f"/{creds.name}/data/{name}", creds)
+        + request_head("GET", f"/{creds.name}/data/{name}", creds, Range="bytes=-3")
     )
     with connect(server) as sock:
         for i in range(0, len(stream), 1000):
             sock.sendall(stream[i : i + 1000])
-        assert read_responses(sock, 2) == [(200, b"ok\n"), (206, data[10:20])]
-        status, headers, _ = read_response(sock)
-        assert status == 200 and headers["content-length"] == str(len(data))
+        answers = read_responses(sock, 3)
+        assert answers == [(200, b"ok\n"), (206, data[10:20]), (206, data[-3:])]
     assert httpx.get(f"{creds.url}data/{name}", auth=creds.auth).content == data
 
 
@@ -363,3 +373,52 @@ def test_graceful_shutdown_finishes_or_discards_uploads(tmp_path):
             s.close()
     names = sorted(p.name for p in files_under(folder))
     assert names == [finishing_name]
+
+
+# -- over TLS (server/tls.py: bodies decrypted by worker threads straight into the upload) --------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("proto-tls")
+    cert, key = make_cert(folder)
+    srv = ServerThread(
+        server_config(str(folder / "data"), read_timeout=1.0, tls_cert=str(cert), tls_key=str(key))
+    )
+    srv.cert = cert
+    yield srv
+    srv.stop()
+
+
+def connect_tls(server: ServerThread) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(server.cert))
+    return context.wrap_socket(connect(server), server_hostname="127.0.0.1")
+
+
+def test_tls_uploads_small_and_in_pauses_with_requests_pipelined_behind(tls_server):
+    """Over TLS: a small upload sent in one piece with two requests behind it (the body and the
+    requests arrive decrypted together), then a 3 MiB upload whose body stops for a while between
+    pieces (the worker thread hands the wait back to the event loop); all answered in order on one
+    connection, and both objects stored whole."""
+    creds = tls_server.bucket()
+    small, large = os.urandom(2000), os.urandom(3 << 20)
+    small_name, large_name = (hashlib.sha256(d).hexdigest() for d in (small, large))
+    with connect_tls(tls_server) as sock:
+        head = request_head(
+            "POST", f"/{creds.name}/data/{small_name}", creds, Content_Length=str(len(small))
+        )
+        follow = request_head("GET", f"/{creds.name}/data/{small_name}", creds, Range="bytes=5-9")
+        sock.sendall(head + small + follow + follow)
+        assert read_responses(sock, 3) == [(200, b"ok\n"), (206, small[5:10]), (206, small[5:10])]
+        sock.sendall(
+            request_head(
+                "POST", f"/{creds.name}/data/{large_name}", creds, Content_Length=str(len(large))
+            )
+        )
+        for i in range(0, len(large), 1 << 20):
+            sock.sendall(large[i : i + (1 << 20)])
+            time.sleep(0.3)
+        sock.sendall(request_head("GET", f"/{creds.name}/data/{large_name}", creds))
+        answers = read_responses(sock, 2)
+        assert answers[0] == (200, b"ok\n")
+        assert answers[1] == (200, large)
