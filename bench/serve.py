@@ -21,6 +21,8 @@ Rows:
   the page cache, and a `sync` writes them out. This row compares servers that keep the same promise.
   Every timed command starts after a `sync`, so no run pays for the writeback of the one before.
 * restic check --read-data through each server (downloads everything);
+* restic backup and check --read-data over https (a self-signed certificate made with openssl, given
+  to restic with --cacert), best of --runs, with the server's CPU time;
 * raw HTTP, best of 3: a 64 MiB upload and download (the better of two reads: vault serve writes
   uploads past the page cache), and 1,000 small range reads (with the server's CPU time per read),
   with httpx;
@@ -93,10 +95,14 @@ class Proc:
 
 
 def vault_serve(
-    data: Path, verify: bool = True, prefix: tuple[str, ...] = ()
+    data: Path,
+    verify: bool = True,
+    prefix: tuple[str, ...] = (),
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[Proc, str, str]:
     """Start `vault serve` with one bucket; (process, base URL of the bucket, PSK). ``verify``:
-    the server's verify_uploads key; ``prefix``: a command that runs it (taskset)."""
+    the server's verify_uploads key; ``prefix``: a command that runs it (taskset); ``tls``:
+    certificate and key for https."""
     out = subprocess.run(
         [PY, "-m", "vaultfs.tools.main", "server", "--data", str(data), "bucket", "create", "bench",
          "--json"],
@@ -104,7 +110,10 @@ def vault_serve(
     ).stdout  # fmt: skip
     psk = json.loads(out)["psk"]
     config = data / "serve.toml"
-    config.write_text(f"verify_uploads = {str(verify).lower()}\n")
+    lines = [f"verify_uploads = {str(verify).lower()}"]
+    if tls is not None:
+        lines += [f'tls_cert = "{tls[0]}"', f'tls_key = "{tls[1]}"']
+    config.write_text("\n".join(lines) + "\n")
     proc = Proc(
         [*prefix, PY, "-m", "vaultfs.tools.main", "serve", "--config", str(config), "--data", str(data),
          "--listen", "127.0.0.1:0", "--access-log", ""],
@@ -113,11 +122,14 @@ def vault_serve(
     return proc, f"{proc.url}bench/", psk
 
 
-def rclone_serve(data: Path, prefix: tuple[str, ...] = ()) -> tuple[Proc, str]:
+def rclone_serve(
+    data: Path, prefix: tuple[str, ...] = (), tls: tuple[Path, Path] | None = None
+) -> tuple[Proc, str]:
     env = {**os.environ, "RCLONE_CONFIG": "/dev/null"}
+    https = ["--cert", str(tls[0]), "--key", str(tls[1])] if tls is not None else []
     proc = Proc(
-        [*prefix, "rclone", "serve", "restic", "--addr", "127.0.0.1:0", str(data)],
-        r"(http://127\.0\.0\.1:\d+/)",
+        [*prefix, "rclone", "serve", "restic", "--addr", "127.0.0.1:0", *https, str(data)],
+        r"(https?://127\.0\.0\.1:\d+/)",
         env,
     )
     return proc, f"{proc.url}bench/"
@@ -224,6 +236,62 @@ def pinned_rows(dataset: Path, work: Path, runs: int) -> dict[str, float]:
                 subprocess.run(["sync"], check=True)
                 took = timed([*client, "restic", "-r", repo, "backup", "-q", "."], env, cwd=dataset)
                 results[server] = min(results[server], took)
+            finally:
+                proc.stop()
+                shutil.rmtree(cache, ignore_errors=True)
+                shutil.rmtree(data, ignore_errors=True)
+    return results
+
+
+def make_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def tls_rows(dataset: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Best wall time and server CPU of restic backup and check --read-data through each server
+    over https (--cacert): the same jobs as the first rows, with TLS in the server's hands. Empty
+    without the openssl command (it makes the certificate)."""
+    if shutil.which("openssl") is None:
+        return {}
+    cert, key = make_cert(work)
+    servers = ["vault serve", "rclone serve restic"]
+    keys = ("backup", "check", "backup cpu", "check cpu")
+    results = {s: dict.fromkeys(keys, float("inf")) for s in servers}
+    for run in range(runs):
+        for server in servers if run % 2 == 0 else servers[::-1]:
+            data = work / f"tls-{server.split()[0]}-{run}"
+            if server == "vault serve":
+                proc, url, psk = vault_serve(data, tls=(cert, key))
+                repo = "rest:" + url.replace("https://", f"https://bench:{psk}@")
+            else:
+                proc, url = rclone_serve(data, tls=(cert, key))
+                repo = "rest:" + url
+            cache = work / "restic-cache"
+            env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(cache)}
+            restic = ["restic", "--cacert", str(cert), "-r", repo]
+            best = results[server]
+            try:
+                subprocess.run([*restic, "init"], check=True, env=env, capture_output=True)
+                for job, args, cwd in (
+                    ("backup", ["backup", "-q", "."], dataset),
+                    ("check", ["check", "--read-data"], None),
+                ):
+                    if job == "check":
+                        shutil.rmtree(cache, ignore_errors=True)
+                    subprocess.run(["sync"], check=True)
+                    before = cpu_seconds(proc.proc.pid)
+                    best[job] = min(best[job], timed([*restic, *args], env, cwd=cwd))
+                    best[f"{job} cpu"] = min(
+                        best[f"{job} cpu"], cpu_seconds(proc.proc.pid) - before
+                    )
             finally:
                 proc.stop()
                 shutil.rmtree(cache, ignore_errors=True)
@@ -350,6 +418,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file()) / 1e6
         restic, every = restic_rows(dataset, work, args.runs)
         pinned = pinned_rows(dataset, work, args.runs)
+        tls = tls_rows(dataset, work, args.runs)
         raw = http_rows(work)
         mine = vault_rows(dataset, work, args.runs)
     finally:
@@ -373,6 +442,14 @@ def main() -> None:
             a, b = pinned["vault serve"], pinned["rclone serve restic"]
             print(f"| restic backup, client and server on separate cores | {a:.1f} s "
                   f"({size / a:.0f} MB/s) | {b:.1f} s ({size / b:.0f} MB/s) |")  # fmt: skip
+    for job, label in (
+        ("backup", "restic backup over TLS"),
+        ("check", "restic check --read-data over TLS"),
+    ):
+        a, b = tls["vault serve"][job], tls["rclone serve restic"][job]
+        print(f"| {label} | {a:.1f} s ({size / a:.0f} MB/s) | {b:.1f} s ({size / b:.0f} MB/s) |")
+        a, b = tls["vault serve"][f"{job} cpu"], tls["rclone serve restic"][f"{job} cpu"]
+        print(f"| server CPU during {label} | {a:.2f} s | {b:.2f} s |")
     for key, label, unit in (
         ("upload", "httpx 64 MiB upload", "MB/s"),
         ("download", "httpx 64 MiB download", "MB/s"),
