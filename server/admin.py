@@ -8,6 +8,7 @@ seconds (BucketRegistry.ttl).
 
 from __future__ import annotations
 
+import builtins
 import re
 import secrets
 from dataclasses import dataclass
@@ -111,5 +112,5 @@ class Admin:
         if not keep_files:
             self.storage.delete_bucket_sync(name)
 
-    def volumes(self) -> list[VolumeUsage]:
+    def volumes(self) -> builtins.list[VolumeUsage]:
         return self.storage.volume_report_sync()

@@ -256,8 +256,8 @@ class BucketServer:
         if request.method == "HEAD":
             return Response(200, headers, b"", length=size)
         status, start, length = 200, 0, size
-        if span is not None:
-            status, (start, length) = 206, span  # type: ignore[misc]
+        if isinstance(span, tuple):
+            status, (start, length) = 206, span
             headers.append(("content-range", f"bytes {start}-{start + length - 1}/{size}"))
         if length > READ_PIECE:
             own = os.dup(fd)  # the cache may close its descriptor while this one streams

@@ -115,14 +115,14 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
     host, sep, port = listen.rpartition(":")
     if not sep:
         raise UsageError(f"listen address {listen!r} needs a port: HOST:PORT")
-    host = host.strip("[]") or None
+    name = host.strip("[]") or None
     try:
         number = int(port)
     except ValueError:
         raise UsageError(f"listen address {listen!r}: port {port!r} is not a number") from None
     if not 0 <= number <= 65535:
         raise UsageError(f"listen address {listen!r}: port out of range")
-    return host, number
+    return name, number
 
 
 def load_config(path: str | None = None, **overrides: Any) -> ServerConfig:

@@ -119,12 +119,12 @@ class Server:
                 return
             wrapped: trio.abc.Stream = stream
             if self.tls is not None:
-                wrapped = TlsStream(stream, self.tls)
+                wrapped = tls = TlsStream(stream, self.tls)
                 with trio.move_on_after(self.config.read_timeout) as scope:
                     try:
                         if await _plain_http_on_tls(stream):
                             return
-                        await wrapped.do_handshake()
+                        await tls.do_handshake()
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         await stream.aclose()
                         return

@@ -245,14 +245,16 @@ class HttpConnection:
         self._decoder: ChunkedDecoder | None = None  # the current request's chunked body
         sock = getattr(stream, "socket", None)
         self._recv_into = getattr(sock, "recv_into", None)  # plain TCP; TLS streams copy once
-        self.socket_fd: int | None = sock.fileno() if self._recv_into is not None else None
+        self.socket_fd: int | None = None
+        if sock is not None and self._recv_into is not None:
+            self.socket_fd = sock.fileno()
         self._tls = stream if isinstance(stream, TlsStream) else None
         #: Whether a Content-Length body can be pumped by worker threads (``Request.pump``).
         self.can_pump = self.socket_fd is not None or self._tls is not None
 
     # -- I/O -------------------------------------------------------------------------------------
 
-    async def _receive(self, timeout: float, size: int = RECEIVE_SIZE) -> bytes:
+    async def _receive(self, timeout: float, size: int = RECEIVE_SIZE) -> bytes | bytearray:
         with trio.move_on_after(timeout):
             try:
                 return await self.stream.receive_some(size)
@@ -329,8 +331,9 @@ class HttpConnection:
         self, request: Request, sink: BodySink, run_sync: Callable[..., Awaitable[Any]]
     ) -> None:
         """The rest of a Content-Length body into ``sink`` (see ``Request.pump``)."""
-        assert self.can_pump and request.content_length is not None
+        assert request.content_length is not None
         fd = self.socket_fd if self._tls is None else self._tls.fd
+        assert fd is not None
         await self._continue(request)
         if self._buffer and request.received < request.content_length:
             n = min(request.content_length - request.received, len(self._buffer))

@@ -280,8 +280,8 @@ class LocalBackend(Backend):
                     pieces.append(view[aligned:])
                 self._store(kind, name, pieces, len(view), direct=True)
                 return
-            pieces = (view[at : at + WRITE_PIECE] for at in range(0, len(view), WRITE_PIECE))
-            self._store(kind, name, pieces, len(view))
+            buffered = (view[at : at + WRITE_PIECE] for at in range(0, len(view), WRITE_PIECE))
+            self._store(kind, name, buffered, len(view))
 
     def write_stream(self, kind: str, name: str, source: Source, size: int) -> None:
         path = self.path(kind, name)
