@@ -445,46 +445,51 @@ class Storage:
         """(name, size) of every object of ``kind`` in every volume; None when no volume has the
         kind's folder (a bucket that was never initialised).
 
-        With several volumes, the volumes before the last are scanned a second time: a file moved from
-        a later volume to an earlier one while we scanned would otherwise be missed by both scans.
+        With several volumes each folder (``data/XX`` one at a time) is scanned in every volume and
+        then again in all but the last: a file moved once while we scanned that folder is found by
+        one of the looks, and the time in which a second move could hide it is the scan of one
+        folder, not of the whole listing.
         """
         seen: dict[str, int] = {}
-        folders = self.bucket_dirs(bucket)
-        found = [self._scan_sync(folder, kind, seen) for folder in folders]
-        for folder in folders[:-1]:
-            self._scan_sync(folder, kind, seen)
-        return sorted(seen.items()) if any(found) else None
+        tops = [os.path.join(folder, kind) for folder in self.bucket_dirs(bucket)]
+        if kind == "data":
+            subs: set[str] = set()
+            found = False
+            for top in tops:
+                try:
+                    subs.update(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    raise _oserror("list", exc) from None
+                found = True
+            groups = [[os.path.join(top, sub) for top in tops] for sub in sorted(subs)]
+        else:
+            found = False
+            groups = [tops]
+        for dirs in groups:
+            for folder in dirs + dirs[:-1]:
+                found = self._scan_sync(folder, seen) or found
+        return sorted(seen.items()) if found else None
 
     @staticmethod
-    def _scan_sync(folder: str, kind: str, seen: dict[str, int]) -> bool:
-        """Add the objects of ``kind`` in one bucket folder to ``seen``; False if the kind's folder is
-        missing there."""
-        top = os.path.join(folder, kind)
+    def _scan_sync(folder: str, seen: dict[str, int]) -> bool:
+        """Add the objects in one folder to ``seen``; False if the folder is missing."""
         try:
-            if kind == "data":
-                subdirs = [e.path for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
-            else:
-                subdirs = [top]
+            entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as exc:
             raise _oserror("list", exc) from None
-        for sub in subdirs:
-            try:
-                entries = list(os.scandir(sub))
-            except (FileNotFoundError, NotADirectoryError):
+        for entry in entries:
+            if not _HEX64.match(entry.name) or entry.name in seen:
                 continue
-            except OSError as exc:
-                raise _oserror("list", exc) from None
-            for entry in entries:
-                if not _HEX64.match(entry.name) or entry.name in seen:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # moved or removed while we listed
-                if stat.S_ISREG(st.st_mode):
-                    seen[entry.name] = st.st_size
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # moved or removed while we listed
+            if stat.S_ISREG(st.st_mode):
+                seen[entry.name] = st.st_size
         return True
 
     # -- writing -------------------------------------------------------------------------------
