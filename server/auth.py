@@ -14,12 +14,15 @@ bcrypt is slow on purpose (~0.2 s at cost 12), so:
 * bcrypt runs in worker threads behind a small CapacityLimiter, so a flood of wrong passwords cannot take
   the server's threads;
 * any other check (bcrypt, or a refusal without it: unknown bucket, malformed PSK) runs one at a time per
-  client address. After ``n`` failures an address waits ``delay(n)`` (0.05 s doubling per failure,
+  client address, an IPv6 address counting as its /64 (see ``throttle_key``). After ``n`` failures an
+  address waits ``delay(n)`` (0.05 s doubling per failure,
   capped at ``max_delay``) *before* its next check, so guessing is slowed however many connections it
   opens, and a waiting guesser holds no bcrypt thread. While an address has failures, a check that
   arrives (or was queued) while another of its checks runs is refused at once with TooManyAttempts (HTTP
   429, Retry-After), so it cannot pile up connections either. A check with the right PSK clears the
-  address's failures; they are forgotten after ``forget_after`` seconds anyway. Parallel first requests
+  address's failures; they are forgotten after ``forget_after`` seconds anyway. The table of failures is
+  bounded: when it fills, the forgotten entries go first, then those with the fewest failures, so a
+  flood of fresh addresses cannot wipe a persistent guesser's count. Parallel first requests
   of one client with the right PSK queue behind the first and are then answered from the cache.
 
 Without a header at all the answer is an immediate 401: that is a client asking what to send, not a guess.
@@ -30,7 +33,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import hmac
+import ipaddress
 import math
 import secrets
 import time
@@ -75,6 +80,21 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def throttle_key(address: str) -> str:
+    """The unit the login throttle counts failures for: an IPv4 address itself (also when written as
+    IPv4-mapped IPv6), an IPv6 address's /64, since one host or home is usually given a whole /64 and
+    could otherwise make every guess from a fresh address. Anything else (not an IP address) as is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class TooManyAttempts(Exception):
     """An address with recent failures sent a check while another of its checks was running."""
 
@@ -89,6 +109,7 @@ class Authenticator:
     first_delay = 0.05
     max_delay = 5.0
     forget_after = 900.0  # seconds after which an address's failures are forgotten
+    max_tracked = 100_000  # addresses with failures kept at most (see _make_room)
 
     def __init__(self, registry: BucketRegistry, cache_seconds: float = 60.0) -> None:
         self.registry = registry
@@ -106,8 +127,9 @@ class Authenticator:
         return min(cls.max_delay, cls.first_delay * 2 ** min(failures - 1, 32))
 
     def failures(self, address: str) -> int:
-        """Recent failed checks from ``address`` (0 once forgotten or after a successful check)."""
-        count, last = self._failures.get(address, (0, 0.0))
+        """Recent failed checks from ``address`` (0 once forgotten or after a successful check); for
+        IPv6, from its /64."""
+        count, last = self._failures.get(throttle_key(address), (0, 0.0))
         return 0 if time.monotonic() - last > self.forget_after else count
 
     async def check(self, bucket_name: str, header: str | None, address: str) -> Bucket | None:
@@ -124,6 +146,7 @@ class Authenticator:
             bucket = self.registry.get(bucket_name)
         if bucket is not None and self._cached(bucket, password):
             return bucket
+        address = throttle_key(address)
         gate = self._gates.setdefault(address, trio.Lock())
         try:
             queued = gate.locked()
@@ -140,13 +163,23 @@ class Authenticator:
                 if bucket is not None and await self._verify(bucket, password):
                     self._failures.pop(address, None)
                     return bucket
-                if len(self._failures) > 100_000:
-                    self._failures.clear()
+                if address not in self._failures and len(self._failures) >= self.max_tracked:
+                    self._make_room()
                 self._failures[address] = (failures + 1, time.monotonic())
                 return None
         finally:
             if not gate.locked() and not gate.statistics().tasks_waiting:
                 self._gates.pop(address, None)
+
+    def _make_room(self) -> None:
+        """Shrink the full table of failures to at most half: the forgotten entries go, then those
+        with the fewest failures (the oldest first among equals)."""
+        now = time.monotonic()
+        live = {a: f for a, f in self._failures.items() if now - f[1] <= self.forget_after}
+        if len(live) > self.max_tracked // 2:
+            kept = heapq.nlargest(self.max_tracked // 2, live.items(), key=lambda item: item[1])
+            live = dict(kept)
+        self._failures = live
 
     def _too_many(self, address: str) -> TooManyAttempts:
         return TooManyAttempts(max(1, math.ceil(self.delay(self.failures(address)))))

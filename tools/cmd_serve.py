@@ -35,9 +35,9 @@ config file keys (TOML; command-line options win):
 endpoints: /BUCKET/ (restic REST protocol v1 and v2, HTTP Basic auth with user BUCKET and the PSK
 as password), /healthz, /metrics.
 
-Failed logins: after N failures an address waits 0.05 s, doubling per failure up to 5 s, before its
-next check; while it waits, further attempts from it get HTTP 429 with Retry-After. A right PSK clears
-the count. Behind a proxy, set trust_x_forwarded_for so the throttle applies per client, not per proxy.
+Failed logins: after N failures an address (an IPv6 one counts as its /64) waits 0.05 s, doubling per
+failure up to 5 s, before its next check; while it waits, further attempts from it get HTTP 429 with
+Retry-After. A right PSK clears the count. Behind a proxy, set trust_x_forwarded_for so the throttle applies per client, not per proxy.
 """
 
 from __future__ import annotations

@@ -211,6 +211,50 @@ def test_repeated_failures_slow_an_address_down(server, bucket):
     assert auth.failures("127.0.0.1") == 0
 
 
+@pytest.mark.parametrize(
+    "address, key",
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2::a", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::a", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("unix-socket", "unix-socket"),
+    ],
+)
+def test_the_throttle_counts_an_ipv6_client_by_its_64(address, key):
+    assert auth_module.throttle_key(address) == key
+
+
+def test_failures_are_shared_by_a_64_and_survive_a_flood_of_fresh_addresses(tmp_path, monkeypatch):
+    monkeypatch.setattr(auth_module.Authenticator, "max_tracked", 8)
+    srv = ServerThread(server_config(str(tmp_path), trust_x_forwarded_for=True))
+    try:
+        creds = srv.bucket()
+        auth = srv.server.app.auth
+        wrong = (creds.name, "1" * 32)
+
+        def fail_from(address: str) -> None:
+            resp = httpx.get(
+                f"{creds.url}keys/", auth=wrong, headers={"X-Forwarded-For": address}, timeout=60
+            )
+            assert resp.status_code == 401
+
+        for host in ("2001:db8:1:2::a", "2001:db8:1:2::b", "2001:db8:1:2:ffff::9"):
+            fail_from(host)  # one /64 changing its address each time
+        assert auth.failures("2001:db8:1:2::77") == 3
+        assert auth.failures("2001:db8:1:3::a") == 0
+        fail_from("::ffff:203.0.113.9")
+        assert auth.failures("203.0.113.9") == 1
+        for i in range(20):  # more fresh /64s than the table holds
+            fail_from(f"2001:db8:2:{i:x}::1")
+        assert auth.failures("2001:db8:1:2::a") == 3  # the persistent guesser is still slowed
+        assert len(auth._failures) <= auth.max_tracked
+    finally:
+        srv.stop()
+
+
 def test_failures_delay_an_address_before_its_next_check(tmp_path, monkeypatch):
     """After failures an address waits before its next check (not after it), one check at a time:
     parallel guesses get 429. Other addresses, with a remembered login or a fresh one, go first."""
