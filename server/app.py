@@ -30,7 +30,7 @@ import trio
 from vaultfs.server.auth import Authenticator, TooManyAttempts
 from vaultfs.server.config import ServerConfig
 from vaultfs.server.metrics import Metrics, log_access
-from vaultfs.server.protocol import ClientGone, FileRange, Producer, Request, Response
+from vaultfs.server.protocol import ClientGone, FileRange, Logged, Producer, Request, Response
 from vaultfs.server.proxy import AddressFilter, client_address
 from vaultfs.server.quota import Quotas
 from vaultfs.server.state import Bucket, BucketRegistry
@@ -145,7 +145,7 @@ class BucketServer:
         except Exception as exc:  # a bug: log it, answer 500, keep serving
             return exception_response(request, exc)
 
-    def record(self, request: Request, status: int, sent: int, seconds: float) -> None:
+    def record(self, request: Logged, status: int, sent: int, seconds: float) -> None:
         self.metrics.record(request.bucket, request.method, status, request.received, sent)
         log_access(
             request.address,

@@ -215,7 +215,21 @@ class Request:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-Recorder = Callable[[Request, int, int, float], None]
+
+
+class Logged(Protocol):
+    """What the access log and the metrics read of a request: a parsed one, or the stand-in for one
+    that never parsed."""
+
+    method: str
+    target: str
+    address: str
+    bucket: str
+    received: int
+    headers: dict[str, str]
+
+
+Recorder = Callable[[Logged, int, int, float], None]
 
 
 class HttpConnection:
