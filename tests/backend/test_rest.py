@@ -359,8 +359,20 @@ class ForwardProxy:
                 if not self._authorized():
                     self.close_connection = True
                     return
-                host, port = self.path.rsplit(":", 1)
-                upstream = socket.create_connection((host, int(port)), timeout=60)
+                # The target is an authority, host:port, an IPv6 address in brackets (RFC 9110).
+                try:
+                    target = urlsplit("//" + self.path)
+                    host, port = target.hostname, target.port
+                except ValueError:
+                    host = port = None
+                if not host or not port:
+                    self.send_error(400, "bad CONNECT target")
+                    return
+                try:
+                    upstream = socket.create_connection((host, port), timeout=60)
+                except OSError:
+                    self.send_error(502, "cannot reach the server")
+                    return
                 self.send_response(200, "Connection established")
                 self.end_headers()
                 self.close_connection = True
@@ -553,6 +565,46 @@ def test_https_through_a_connect_proxy_that_wants_credentials(tmp_path, monkeypa
     finally:
         proxy.stop()
         server.stop()
+
+
+def test_https_to_an_ipv6_address_through_a_connect_proxy(tmp_path, monkeypatch):
+    """The CONNECT target keeps an IPv6 address's brackets ([::1]:port), which Python 3.11's own
+    tunnel drops; a proxy's refusal is a permanent error that names the proxy."""
+    from tests.server.harness import ServerThread, make_cert, server_config
+
+    cert, key = make_cert(tmp_path)
+    config = server_config(
+        str(tmp_path / "srv"), listen="[::1]:0", tls_cert=str(cert), tls_key=str(key)
+    )
+    server = ServerThread(config)
+    proxy = ForwardProxy(fail_on="never")
+    try:
+        creds = server.bucket()
+        assert creds.url.startswith("https://[::1]:")
+        _set_env(monkeypatch, proxy.env("https"))
+        backend = RestBackend(creds.location, cacert=str(cert))
+        backend.create()
+        data = os.urandom(100_000)
+        name = hashlib.sha256(data).hexdigest()
+        backend.write("data", name, data)
+        assert backend.read("data", name, 10, 20) == data[10:30]
+        backend.close()
+        assert proxy.seen == [("CONNECT", urlsplit(server.url).netloc)]
+        assert urlsplit(server.url).netloc.startswith("[::1]:")
+    finally:
+        proxy.stop()
+        server.stop()
+    # The server is gone: the proxy answers the CONNECT with an error, not a tunnel.
+    proxy = ForwardProxy()
+    try:
+        _set_env(monkeypatch, proxy.env("https"))
+        backend = RestBackend("rest:https://b:p@[::1]:9/b/", cacert=str(cert))
+        with pytest.raises(BackendError, match="the proxy refused the tunnel: 502") as info:
+            backend.stat("config", "")
+        assert info.value.temporary
+        backend.close()
+    finally:
+        proxy.stop()
 
 
 def test_http_proxy_credentials(tmp_path, monkeypatch):

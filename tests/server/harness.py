@@ -146,7 +146,7 @@ def module_server(folder: str) -> Any:
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key, as PEM files."""
+    """A self-signed certificate for 127.0.0.1 and ::1 (it is its own CA) and its key, as PEM files."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -165,7 +165,9 @@ def make_cert(folder: Path) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
+            ),
             critical=False,
         )
         .sign(key, hashes.SHA256())

@@ -72,6 +72,14 @@ def basic_authorization(user: str, password: str) -> str:
     return f"Basic {token}"
 
 
+class TunnelRefused(OSError):
+    """The proxy answered a CONNECT with something other than 2xx."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"the proxy refused the tunnel: {status} {reason.strip()}")
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Proxy:
     host: str
@@ -139,6 +147,7 @@ class ConnectionPool:
         except UnicodeError:
             raise UsageError(f"bad host name {host!r}") from None
         netloc = f"[{host}]" if ":" in host else ascii_host
+        self._authority = f"{netloc}:{port}"  # a CONNECT's target: always with the port
         default_port = 443 if scheme == "https" else 80
         self._host_header = netloc if port == default_port else f"{netloc}:{port}"
         self._origin = f"{scheme}://{self._host_header}"
@@ -217,20 +226,48 @@ class ConnectionPool:
             conn = http.client.HTTPSConnection(
                 host, port, timeout=self.connect_timeout, context=self._context
             )
-            if self._proxy is not None:
-                auth = self._proxy.authorization
-                conn.set_tunnel(
-                    self.host, self.port, {"Proxy-Authorization": auth} if auth else None
-                )
         else:
             conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         try:
-            conn.connect()
+            if self.scheme == "https" and self._proxy is not None:
+                assert self._context is not None
+                tunnel = self._open_tunnel(self._proxy)
+                try:
+                    conn.sock = self._context.wrap_socket(tunnel, server_hostname=self.host)
+                except BaseException:
+                    tunnel.close()
+                    raise
+            else:
+                conn.connect()
             conn.sock.settimeout(self.timeout)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _open_tunnel(self, proxy: Proxy) -> socket.socket:
+        """A connection to the server through ``proxy``'s CONNECT tunnel. (Ours, not http.client's
+        ``set_tunnel``: Python 3.11's sends an IPv6 address without its brackets, which no proxy can
+        read, and no Host header.) Raises TunnelRefused for any answer but 2xx."""
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=self.connect_timeout)
+        try:
+            lines = [f"CONNECT {self._authority} HTTP/1.1", f"Host: {self._authority}"]
+            if proxy.authorization:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            # The proxy sends nothing after its answer's head until the client speaks (TLS begins
+            # with the client's hello), so the answer's buffered reader takes no bytes of the tunnel.
+            answer = http.client.HTTPResponse(sock, method="CONNECT")
+            try:
+                answer.begin()
+            finally:
+                answer.close()
+            if not 200 <= answer.status < 300:
+                raise TunnelRefused(answer.status, answer.reason)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _exchange(
         self,

@@ -48,6 +48,7 @@ from vaultfs.backend.httpclient import (
     Buffer,
     ConnectionPool,
     SourceError,
+    TunnelRefused,
     basic_authorization,
 )
 from vaultfs.errors import BackendError, FormatError, ObjectNotFound, UsageError
@@ -215,8 +216,15 @@ class RestBackend(Backend):
                 f"{method} {what} at {self.location} failed: {reason}; if the server's certificate "
                 "comes from a private CA, pass that CA's certificate with --cacert (or VAULT_CACERT)"
             )
-        if "Tunnel connection failed: 407" in reason:  # http.client's words for a CONNECT refused
+        if isinstance(exc, TunnelRefused) and exc.status == 407:
             return BackendError(f"{method} {what} at {self.location} failed: {reason}{_PROXY_AUTH}")
+        if isinstance(exc, TunnelRefused) and exc.status < 500:
+            # Permanent: the proxy's rules refuse this server (403) or the request; a 5xx (the proxy
+            # could not reach the server, or is overloaded) may pass.
+            return BackendError(
+                f"{method} {what} at {self.location} failed: {reason}; check the proxy in "
+                "HTTPS_PROXY (or set NO_PROXY for this server)"
+            )
         return BackendError(
             f"{method} {what} at {self.location} failed: {reason}; check that the server is reachable",
             temporary=True,
