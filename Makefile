@@ -21,6 +21,7 @@ demo: bytecode
 	bash .ci/demo.sh
 
 test: bytecode
+	bash .ci/proxies.sh
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
