@@ -17,7 +17,8 @@ config file keys (TOML; command-line options win):
                                    the client address (logs, rate limits, allow/deny)
   allow = [], deny = []            client networks (CIDR); deny wins; empty allow = everyone
   metrics_allow = ["127.0.0.1/32", "::1/128"]   who may read /metrics (Prometheus)
-  access_log = "-"                 "-" = stderr, "" = off, else a file
+  access_log = "-"                 "-" = stderr, "" = off, else a file (reopened when it was moved or
+                                   removed: logrotate needs no copytruncate and no signal)
   verify_uploads = true            refuse uploads whose SHA-256 is not their name (HTTP 400); the
                                    hash is the server's largest CPU cost (about 0.8 CPU-second per
                                    GB), so false (no hash at all) suits slow CPUs that trust their
@@ -45,8 +46,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
+from typing import TextIO
 
+from vaultfs.errors import UsageError
 from vaultfs.tools.common import Output
 
 #: Takes no vault location, password or cache options (see common.add_global_options).
@@ -119,9 +123,76 @@ def _setup_logging(access_log: str) -> None:
     if access_log == "-":
         target: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
-        target = logging.FileHandler(access_log)
+        target = AccessLogFile(access_log)
     target.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(target)
+
+
+class AccessLogFile(logging.StreamHandler):
+    """The access log in a file that log rotation may move or remove at any time: before each line the
+    file is reopened (created again) when its name no longer leads to the open file, so logrotate
+    needs neither copytruncate nor a signal. A line that cannot be written is dropped; the first of a
+    run of failures is reported on stderr, once, and requests go on being served."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - the handler owns it
+        except OSError as exc:
+            raise UsageError(
+                f"cannot open the access log {path}: {exc.strerror or exc}; "
+                'fix --access-log or access_log in the config ("-" = stderr, "" = off)'
+            ) from None
+        super().__init__(stream)
+        self.path = path
+        self._identity = self._identify(stream)
+        self._failing = False
+
+    @staticmethod
+    def _identify(stream: TextIO) -> tuple[int, int]:
+        st = os.fstat(stream.fileno())
+        return st.st_dev, st.st_ino
+
+    def _reopen_if_moved(self) -> None:
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        fresh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - the handler owns it
+        old, self.stream = self.stream, fresh
+        self._identity = self._identify(fresh)
+        old.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._reopen_if_moved()
+        except OSError as exc:
+            self._report(exc)
+            return
+        self._write_error: BaseException | None = None
+        super().emit(record)  # a failed write calls handleError
+        if self._write_error is not None:
+            self._report(self._write_error)
+        elif self._failing:
+            self._failing = False
+            logging.getLogger("vaultfs.server").warning(
+                "the access log %s is written again", self.path
+            )
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self._write_error = sys.exc_info()[1] or OSError("write failed")
+
+    def _report(self, exc: BaseException | None) -> None:
+        if not self._failing:
+            reason = getattr(exc, "strerror", None) or exc
+            logging.getLogger("vaultfs.server").warning(
+                "cannot write the access log %s: %s; requests are served but not logged until "
+                "it can be written",
+                self.path,
+                reason,
+            )
+        self._failing = True
 
 
 def run(args: argparse.Namespace, out: Output) -> int:

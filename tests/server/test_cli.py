@@ -122,6 +122,50 @@ def test_bad_config_is_a_usage_error(tmp_path):
     assert "read_timeout" in one_line_error(
         vault("serve", "--config", config, password=None, expect=2)
     )
+    missing = tmp_path / "no-such-folder" / "access.log"
+    err = one_line_error(
+        vault("serve", "--data", tmp_path / "d", "--access-log", missing, password=None, expect=2)
+    )
+    assert err.startswith(f"vault: error: cannot open the access log {missing}: No such file")
+
+
+def test_the_access_log_follows_log_rotation_and_survives_a_vanished_folder(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "access.log"
+    server = ServeProcess(
+        "--data", tmp_path / "data", "--listen", "127.0.0.1:0", "--access-log", log
+    )
+    try:
+
+        def logged(path: Path, query: str) -> bool:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if path.exists() and f"/healthz?{query} " in path.read_text():
+                    return True
+                time.sleep(0.02)
+            return False
+
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.get("healthz?first").status_code == 200
+            assert logged(log, "first")
+            os.rename(log, logs / "access.log.1")  # what logrotate does, then no signal
+            assert client.get("healthz?second").status_code == 200
+            assert logged(log, "second")
+            assert "second" not in (logs / "access.log.1").read_text()
+            os.rename(logs, tmp_path / "gone")  # the log's folder vanishes: serving goes on
+            for n in range(3):
+                assert client.get(f"healthz?lost{n}").status_code == 200
+            server.wait_for_stderr("cannot write the access log")
+            logs.mkdir()
+            assert client.get("healthz?back").status_code == 200
+            assert logged(log, "back")
+            server.wait_for_stderr("is written again")
+    finally:
+        code, err = server.terminate()
+    assert code == 0, err
+    assert err.count("cannot write the access log") == 1, err  # once, not once per request
+    assert "Traceback" not in err
 
 
 def test_address_in_use_is_a_usage_error(tmp_path):
