@@ -39,11 +39,37 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # TlsStream relies on it: a write never waits for a read
     ctx.set_alpn_protocols(["http/1.1"])
+    _check_pem_files(cert, key)
     try:
-        ctx.load_cert_chain(cert, key)
+        # A passphrase callback, so that OpenSSL never prompts on a terminal (none under systemd).
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS certificate/key ({cert}, {key}): {exc}") from None
+        if getattr(exc, "reason", None) in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            detail = f"the key {key} does not belong to the certificate {cert}"
+        else:
+            detail = f"{cert}, {key}: {exc}"
+        raise UsageError(f"cannot load the TLS certificate and key: {detail}") from None
     return ctx
+
+
+def _check_pem_files(cert: str, key: str) -> None:
+    """A one-line UsageError naming the file at fault, for what OpenSSL reports only as "PEM lib"."""
+    texts = {}
+    for path in (cert, key):
+        try:
+            with open(path, "rb") as f:
+                texts[path] = f.read(1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot read the TLS file {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in texts[cert]:
+        raise UsageError(f"the TLS certificate {cert} holds no PEM certificate")
+    if b"PRIVATE KEY-----" not in texts[key]:
+        raise UsageError(f"the TLS key {key} holds no PEM private key")
+    if b"ENCRYPTED" in texts[key]:
+        raise UsageError(
+            f"the TLS key {key} is encrypted; vault serve needs it unencrypted "
+            "(openssl pkey -in KEY -out PLAIN-KEY, then keep PLAIN-KEY readable by the server only)"
+        )
 
 
 def open_state(config: ServerConfig) -> tuple[BucketRegistry, Storage]:

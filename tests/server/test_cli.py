@@ -129,6 +129,36 @@ def test_bad_config_is_a_usage_error(tmp_path):
     assert err.startswith(f"vault: error: cannot open the access log {missing}: No such file")
 
 
+def test_tls_files_at_fault_are_named_and_an_encrypted_key_never_prompts(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, key = make_cert(tmp_path / "one")
+    _, other_key = make_cert(tmp_path / "two")
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(
+        serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    cases = [
+        (tmp_path / "none.pem", key, f"cannot read the TLS file {tmp_path / 'none.pem'}: No such"),
+        (key, cert, f"the TLS certificate {key} holds no PEM certificate"),
+        (cert, cert, f"the TLS key {cert} holds no PEM private key"),
+        (cert, other_key, f"the key {other_key} does not belong to the certificate {cert}"),
+        (cert, locked, f"the TLS key {locked} is encrypted; vault serve needs it unencrypted"),
+    ]
+    for tls_cert, tls_key, expected in cases:
+        result = vault(
+            "serve", "--data", tmp_path / "d", "--listen", "127.0.0.1:0",
+            "--tls-cert", tls_cert, "--tls-key", tls_key, password=None, expect=2,
+        )  # fmt: skip
+        assert expected in one_line_error(result)
+
+
 def test_the_access_log_follows_log_rotation_and_survives_a_vanished_folder(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
