@@ -17,8 +17,9 @@ config file keys (TOML; command-line options win):
                                    the client address (logs, rate limits, allow/deny)
   allow = [], deny = []            client networks (CIDR); deny wins; empty allow = everyone
   metrics_allow = ["127.0.0.1/32", "::1/128"]   who may read /metrics (Prometheus)
-  access_log = "-"                 "-" = stderr, "" = off, else a file (reopened when it was moved or
-                                   removed: logrotate needs no copytruncate and no signal)
+  access_log = "-"                 "-" = stderr, "" = off, else a file (reopened within a second when
+                                   it was moved or removed: logrotate needs no copytruncate and no
+                                   signal)
   verify_uploads = true            refuse uploads whose SHA-256 is not their name (HTTP 400); the
                                    hash is the server's largest CPU cost (about 0.8 CPU-second per
                                    GB), so false (no hash at all) suits slow CPUs that trust their
