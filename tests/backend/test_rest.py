@@ -525,6 +525,16 @@ def _set_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
         monkeypatch.setenv(name, value)
 
 
+def _write_and_read_back(backend: RestBackend, size: int) -> tuple[str, bytes]:
+    """Create the vault, upload a random object of ``size`` bytes and read a range of it back."""
+    backend.create()
+    data = os.urandom(size)
+    name = hashlib.sha256(data).hexdigest()
+    backend.write("data", name, data)
+    assert backend.read("data", name, 1000, 5000) == data[1000:6000]
+    return name, data
+
+
 def test_https_through_a_connect_proxy_that_wants_credentials(tmp_path, monkeypatch):
     """HTTPS_PROXY: requests to an https server go through one kept-alive CONNECT tunnel, with the
     proxy's credentials from the proxy URL, and the server's certificate is still checked (the tunnel's
@@ -540,11 +550,7 @@ def test_https_through_a_connect_proxy_that_wants_credentials(tmp_path, monkeypa
         assert creds.url.startswith("https://")
         _set_env(monkeypatch, proxy.env("https", "proxy:s3cret"))
         backend = RestBackend(creds.location, cacert=str(cert))
-        backend.create()
-        data = os.urandom(300_000)
-        name = hashlib.sha256(data).hexdigest()
-        backend.write("data", name, data)
-        assert backend.read("data", name, 1000, 5000) == data[1000:6000]
+        name, data = _write_and_read_back(backend, 300_000)
         assert list(backend.list("data")) == [(name, len(data))]
         backend.close()
         assert proxy.seen == [("CONNECT", urlsplit(server.url).netloc)]
@@ -577,17 +583,13 @@ def test_https_to_an_ipv6_address_through_a_connect_proxy(tmp_path, monkeypatch)
         str(tmp_path / "srv"), listen="[::1]:0", tls_cert=str(cert), tls_key=str(key)
     )
     server = ServerThread(config)
-    proxy = ForwardProxy(fail_on="never")
+    proxy = ForwardProxy()
     try:
         creds = server.bucket()
         assert creds.url.startswith("https://[::1]:")
         _set_env(monkeypatch, proxy.env("https"))
         backend = RestBackend(creds.location, cacert=str(cert))
-        backend.create()
-        data = os.urandom(100_000)
-        name = hashlib.sha256(data).hexdigest()
-        backend.write("data", name, data)
-        assert backend.read("data", name, 10, 20) == data[10:30]
+        _write_and_read_back(backend, 100_000)
         backend.close()
         assert proxy.seen == [("CONNECT", urlsplit(server.url).netloc)]
         assert urlsplit(server.url).netloc.startswith("[::1]:")
